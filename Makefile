@@ -1,0 +1,30 @@
+# iceaggr — the two commands a new user needs: `make report` and `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.iceaggr-installed
+
+.PHONY: setup test report lab sample clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+
+## make test: unit tests and the notebooks under nbval (CI runs this)
+test: setup
+	$(PY) -m pytest
+
+## make report: generate the embedded sample if absent, run the notebooks with papermill into reports/latest/
+report: setup
+	$(PY) -m iceaggr_lib.report --out reports/latest
+
+## make sample: only generate the embedded sample data set (data/sample)
+sample: setup
+	$(PY) -m iceaggr_lib.sample --out data/sample --events 20000 --seed 0
+
+## make lab: JupyterLab with the project kernel registered
+lab: setup
+	$(PY) -m ipykernel install --sys-prefix --name iceaggr --display-name "iceaggr (.venv)"
+	.venv/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf .venv data reports/latest .pytest_cache

@@ -69,6 +69,7 @@ _BACKEND_MODULES = {
     "flex_dense_eager": "iceaggr_lib.backends.flex_dense",
     "flex_block": "iceaggr_lib.backends.flex_block",
     "varlen": "iceaggr_lib.backends.varlen",
+    "dom_fused": "iceaggr_lib.backends.dom_fused",
 }
 
 _cache: dict[str, BackendSpec] = {}

@@ -1,0 +1,107 @@
+"""dom_fused (Triton) vs the float64 reference backend, forward and gradients.
+
+Runs on CUDA; on a CPU machine it runs through Triton's interpreter when triton is installed and
+TRITON_INTERPRET=1 is set (small sizes only), and is skipped otherwise (the CI venv has no triton).
+Each case draws fresh random q, k, v and a random output gradient. The kernels write into
+torch.empty buffers and every output / gradient row is compared, so an unwritten row fails.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from iceaggr_lib.backends import UnsupportedError, dom_attention, get_backend
+from iceaggr_lib.backends import dom_fused
+from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif dom_fused.HAVE_TRITON and INTERPRET:
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def icecube_like_sizes(n_doms: int, seed: int, max_size: int = 455) -> np.ndarray:
+    """~78% one-pulse DOMs, a heavy (Pareto) tail clipped at ``max_size``."""
+    rng = np.random.default_rng(seed)
+    sizes = 2 + np.floor(rng.pareto(1.5, n_doms) * 3.0).astype(np.int64)
+    sizes[rng.random(n_doms) < 0.78] = 1
+    return np.minimum(sizes, max_size)
+
+
+def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
+    batch = batch_from_dom_sizes(sizes, seed=seed).to(DEVICE)
+    q, k, v = random_qkv(batch.n_pulses, n_heads, head_dim, dtype=dtype, device=DEVICE, seed=seed,
+                         requires_grad=True)
+    scale = head_dim ** -0.5
+    out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                        scale, **config)
+    assert out.shape == (batch.n_doms, n_heads, head_dim) and out.dtype == dtype
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref = get_backend("reference")
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out_ref = ref.attend(q64, k64, v64, batch, ref.prepare(batch, n_heads, head_dim, torch.float64), scale)
+    grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), grad.double())
+    tol = TOLERANCE[dtype]
+    errs = [rel_err(out, out_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref)]
+    assert max(errs) <= tol, f"rel errs out/dq/dk/dv = {errs} (tol {tol}) for {len(sizes)} DOMs, {dtype}"
+    return errs
+
+
+# Tiny tiles (T=4, 8, 16) make small test batches exercise both paths: packed tiles and large DOMs.
+@needs_kernel
+@pytest.mark.parametrize("sizes,tile", [
+    ([1, 1, 2, 3, 1, 5, 1, 1, 4, 1, 2, 2, 7, 1], 4),
+    ([3, 1, 20, 1, 1, 2, 37, 1, 1, 3], 4),
+    ([1] * 30, 8),
+    ([50], 16),
+    ([17, 1, 16, 33, 2], 16),
+])
+def test_small_tiles_fp32(sizes, tile):
+    check_against_reference(sizes, 2, 16, torch.float32, tile=tile, block=16, num_warps=4)
+
+
+@needs_kernel
+def test_random_sizes_fp32_default_config():
+    check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_heads,head_dim", [(1, 128), (8, 16)])
+def test_icecube_like_cuda(dtype, n_heads, head_dim):
+    sizes = icecube_like_sizes(4000, seed=5)
+    sizes[1234] = 455  # the largest DOM seen in the data
+    check_against_reference(sizes, n_heads, head_dim, dtype, seed=5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("sizes", [[1] * 70000, [455], [455, 1, 64, 65, 1, 128, 129, 2]], ids=["ones70k", "one455", "edges"])
+def test_edge_cases_cuda(sizes):
+    check_against_reference(sizes, 1, 128, torch.bfloat16, seed=7)
+    check_against_reference(sizes, 8, 16, torch.float32, seed=8)
+
+
+@needs_cuda
+def test_registry_entry_cuda():
+    batch = batch_from_dom_sizes(icecube_like_sizes(500, seed=9)).to("cuda")
+    q, k, v = random_qkv(batch.n_pulses, 8, 16, device="cuda", seed=9)
+    out = dom_attention(q, k, v, batch, backend="dom_fused", mode="forward_backward")
+    ref = dom_attention(q, k, v, batch, backend="reference")
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+
+
+def test_spec_refuses_cpu():
+    spec = get_backend("dom_fused")
+    with pytest.raises(UnsupportedError, match="dom_fused"):
+        spec.check("cpu", torch.float32, "forward")
+    with pytest.raises(UnsupportedError, match="dom_fused"):
+        spec.check("cuda", torch.float64, "forward")

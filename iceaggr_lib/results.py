@@ -1,0 +1,215 @@
+"""Reading a benchmark run back: derived columns, speedups, winners per regime, the seed's table, summary.md.
+
+Everything here is computed from ``benchmark.csv`` and ``environment.json`` of one run (see
+``iceaggr_lib.bench``); the only numbers typed in are the seed's own published table, kept as data in
+``SEED_TABLE`` and labelled as the seed's wherever it is shown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from iceaggr_lib.bench import memory_floor_bytes, read_results
+
+GROUP = ["mode", "dtype", "n_heads", "batch_size"]
+
+# The seed report's table (flexattention_benchmark_results.md, 2025-10-04), as published. Its times
+# are of the whole DOMTransformer (embed, QKV, attention, pool), d_model 128, 1 head, dtype not
+# stated (float32 by default), on the first 500 real training events, with compilation included.
+SEED_TABLE = pd.DataFrame({
+    "batch_size": [4, 8, 16],
+    "total_pulses": [290, 763, 1305],
+    "total_doms": [227, 502, 895],
+    "max_pulses": [6, 27, 27],
+    "loop_ms": [33.3, 73.7, 137.1],
+    "padded_ms": [20.6, 23.0, 40.8],
+    "flex_ms": [436.1, 55.1, 23.4],
+})
+SEED_SOURCE = ("the seed's published numbers (flexattention_benchmark_results.md, 2025-10-04): NVIDIA H100 96GB, "
+               "real Kaggle events (first 500), whole DOMTransformer, d_model 128, 1 head, "
+               "one timing per batch size with compilation included; 'flex' is flex_dense")
+
+
+def load(results_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """``benchmark.csv`` and ``environment.json`` of a run directory."""
+    results_dir = Path(results_dir)
+    csv_path, env_path = results_dir / "benchmark.csv", results_dir / "environment.json"
+    for p in (csv_path, env_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run notebooks/02_benchmark.ipynb with out_dir={results_dir}")
+    return read_results(csv_path), json.loads(env_path.read_text())
+
+
+def bandwidth_bytes_per_s(env: dict) -> float:
+    gbps = env.get("copy_bandwidth_gbps")
+    return float(gbps) * 1e9 if gbps else float("nan")
+
+
+def with_derived(df: pd.DataFrame, env: dict) -> pd.DataFrame:
+    """Add floor_ms (memory floor at the measured copy bandwidth), x_floor, io_mb and pulses_per_s."""
+    df = df.copy()
+    bw = bandwidth_bytes_per_s(env)
+    floor_bytes = np.array([memory_floor_bytes(r.n_pulses, r.n_doms, int(r.n_heads), int(r.head_dim), r.dtype, r.mode)
+                            if pd.notna(r.n_pulses) else np.nan for r in df.itertuples()], dtype=np.float64)
+    df["io_mb"] = floor_bytes / 2**20
+    df["floor_ms"] = floor_bytes / bw * 1e3
+    df["x_floor"] = df["median_ms"] / df["floor_ms"]
+    df["pulses_per_s"] = df["n_pulses"] / (df["median_ms"] / 1e3)
+    return df
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"]
+
+
+def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Speedup of every backend over ``baseline`` at each (mode, dtype, heads, batch size): ratio of medians."""
+    ok = ok_rows(df)
+    base = ok[ok["backend"] == baseline][GROUP + ["median_ms"]].rename(columns={"median_ms": "baseline_ms"})
+    table = ok[ok["backend"] != baseline].merge(base, on=GROUP)
+    table["speedup"] = table["baseline_ms"] / table["median_ms"]
+    return table[["backend"] + GROUP + ["median_ms", "baseline_ms", "speedup"]].reset_index(drop=True)
+
+
+def winners(df: pd.DataFrame) -> pd.DataFrame:
+    """The fastest correct backend at each (mode, dtype, heads, batch size), with the runner-up."""
+    ok = ok_rows(df)
+    rows = []
+    for key, g in ok.groupby(GROUP, sort=True):
+        g = g.sort_values("median_ms")
+        best = g.iloc[0]
+        row = dict(zip(GROUP, key), winner=best["backend"], median_ms=best["median_ms"],
+                   runner_up=g.iloc[1]["backend"] if len(g) > 1 else "",
+                   runner_up_ms=g.iloc[1]["median_ms"] if len(g) > 1 else np.nan,
+                   n_pulses=best["n_pulses"])
+        row["margin"] = row["runner_up_ms"] / row["median_ms"]
+        if "floor_ms" in g:
+            row["x_floor"] = best["median_ms"] / best["floor_ms"]
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["mode_rank"] = (out["mode"] != "forward").astype(int)
+        out = out.sort_values(["mode_rank", "dtype", "n_heads", "batch_size"]).drop(columns="mode_rank")
+    return out.reset_index(drop=True)
+
+
+def regimes(win: pd.DataFrame) -> pd.DataFrame:
+    """Runs of consecutive batch sizes won by the same backend, per (mode, dtype, heads)."""
+    rows = []
+    for key, g in win.groupby(["mode", "dtype", "n_heads"], sort=False):
+        g = g.sort_values("batch_size")
+        start, current = None, None
+        for b, w in zip(g["batch_size"], g["winner"]):
+            if w != current:
+                if current is not None:
+                    rows.append(dict(zip(["mode", "dtype", "n_heads"], key), batch_sizes=_span(start, prev), winner=current))
+                start, current = b, w
+            prev = b
+        rows.append(dict(zip(["mode", "dtype", "n_heads"], key), batch_sizes=_span(start, prev), winner=current))
+    return pd.DataFrame(rows)
+
+
+def _span(a, b) -> str:
+    return f"{int(a)}" if a == b else f"{int(a)}-{int(b)}"
+
+
+def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Our loop / padded / flex_dense beside the seed's table at its batch sizes (4, 8, 16).
+
+    Ours: forward, float32 (else the first dtype run), 1 head (else the fewest), attention + pool only;
+    median over rotated batches and the first (compiling) call apart. NaN where we did not run it.
+    """
+    fwd = df[df["mode"] == "forward"]
+    if fwd.empty:
+        return pd.DataFrame()
+    dtype = "float32" if (fwd["dtype"] == "float32").any() else fwd["dtype"].iloc[0]
+    heads = 1 if (fwd["n_heads"] == 1).any() else int(fwd["n_heads"].min())
+    ours = fwd[(fwd["dtype"] == dtype) & (fwd["n_heads"] == heads)]
+    out = SEED_TABLE.rename(columns={"total_pulses": "seed_pulses", "total_doms": "seed_doms",
+                                     "max_pulses": "seed_max_pulses", "loop_ms": "seed_loop_ms",
+                                     "padded_ms": "seed_padded_ms", "flex_ms": "seed_flex_ms"}).copy()
+    sizes = ours[ours["batch_size"].isin(out["batch_size"])].drop_duplicates("batch_size").set_index("batch_size")
+    out["our_pulses"] = out["batch_size"].map(sizes["n_pulses"]) if not sizes.empty else np.nan
+    for backend in ("loop", "padded", "flex_dense", "flex_dense_eager"):
+        rows = ours[(ours["backend"] == backend) & (ours["status"] == "ok")].set_index("batch_size")
+        out[f"our_{backend}_ms"] = out["batch_size"].map(rows["median_ms"]) if not rows.empty else np.nan
+        out[f"our_{backend}_first_ms"] = out["batch_size"].map(rows["first_call_ms"]) if not rows.empty else np.nan
+    out.attrs["dtype"], out.attrs["n_heads"] = dtype, heads
+    return out
+
+
+def status_counts(df: pd.DataFrame) -> pd.DataFrame:
+    return df.pivot_table(index="backend", columns="status", values="median_ms", aggfunc="size", fill_value=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+    """A GitHub markdown table of ``df`` (no extra dependency)."""
+    if df.empty:
+        return "(none)\n"
+
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else floatfmt.format(v)
+        return str(v)
+
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(df: pd.DataFrame, env: dict) -> str:
+    """A short summary of a run, every number computed from the CSV and environment here."""
+    n_status = df["status"].value_counts().to_dict()
+    dev = env.get("gpu_name") or env.get("cpu_model") or env.get("device")
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Device: {dev} ({env.get('device')}); torch {env.get('torch_version')}, "
+        f"triton {env.get('triton_version')}, driver {env.get('nvidia_driver')}. "
+        f"Measured copy bandwidth {env.get('copy_bandwidth_gbps')} GB/s (the memory floor uses it).",
+        f"Grid: {len(df)} points; " + ", ".join(f"{k} {v}" for k, v in sorted(n_status.items())) + ". "
+        "Times are medians over rotated batches of consecutive events, per-batch preparation included; "
+        "the first (compiling) call is reported apart.",
+        "",
+    ]
+    win = winners(df)
+    if not win.empty:
+        lines += ["## Winner per regime", "", markdown_table(regimes(win)), "## Fastest backend per point", ""]
+        cols = ["mode", "dtype", "n_heads", "batch_size", "n_pulses", "winner", "median_ms", "runner_up",
+                "runner_up_ms", "margin"] + (["x_floor"] if "x_floor" in win else [])
+        lines.append(markdown_table(win[cols]))
+    for baseline in ("loop", "flex_dense"):
+        sp = speedups(df, baseline)
+        if sp.empty:
+            lines += [f"## Speedup vs {baseline}", "", f"No successful '{baseline}' rows in this run.", ""]
+            continue
+        largest = sp.loc[sp.groupby(["backend", "mode", "dtype", "n_heads"])["batch_size"].idxmax()]
+        lines += [f"## Speedup vs {baseline} at the largest batch size each backend ran", "",
+                  markdown_table(largest[["backend", "mode", "dtype", "n_heads", "batch_size", "median_ms",
+                                          "baseline_ms", "speedup"]].sort_values(["mode", "dtype", "n_heads",
+                                                                                  "speedup"]))]
+    seed = seed_comparison(df)
+    if not seed.empty:
+        lines += ["## Our numbers beside the seed's", "",
+                  f"Seed columns (`seed_*`): {SEED_SOURCE}. Ours (`our_*`): forward, {seed.attrs['dtype']}, "
+                  f"{seed.attrs['n_heads']} head(s), attention + mean pool only, on this run's device; `_ms` is the "
+                  "median over rotated batches, `_first_ms` the first (compiling) call. `our_pulses` is the mean "
+                  "over the rotated batches of our data set.", "", markdown_table(seed)]
+    bad = df[df["status"] != "ok"]
+    if not bad.empty:
+        lines += ["## Rows that are not ok", "", markdown_table(status_counts(df).reset_index()),
+                  "First message per (backend, status):", ""]
+        first = bad.drop_duplicates(["backend", "status"])[["backend", "status", "dtype", "mode", "batch_size",
+                                                            "message"]]
+        lines.append(markdown_table(first))
+    return "\n".join(lines)

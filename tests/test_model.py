@@ -1,0 +1,91 @@
+"""DOMAggregator: shapes, forward and parameter gradients of each backend vs the same model on the
+float64 reference backend, on realistic batches; construction errors."""
+
+from __future__ import annotations
+
+import copy
+import secrets
+
+import pytest
+import torch
+
+from iceaggr_lib.backends import UnsupportedError, get_backend
+from iceaggr_lib.model import DOMAggregator
+from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, rel_err
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def realistic_batch(n_events: int, seed: int):
+    try:
+        from iceaggr_lib.data.sample import generate_table
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"iceaggr_lib.data.sample.generate_table not importable: {e}")
+    return generate_table(n_events, seed).batch(0, n_events)
+
+
+def compare_with_reference(backend, n_heads, device, dtype, n_events):
+    seed = secrets.randbits(31)
+    torch.manual_seed(seed)
+    batch = realistic_batch(n_events, seed).to(device)
+    model = DOMAggregator(n_heads=n_heads, backend=backend).to(device=device, dtype=dtype)
+    ref_model = copy.deepcopy(model).double()
+    ref_model.backend = "reference"
+    backward = "forward_backward" in get_backend(backend).modes
+    try:
+        get_backend(backend).check(device, dtype, "forward_backward")
+    except UnsupportedError:
+        backward = False
+    what = f"backend={backend} H={n_heads} device={device} dtype={dtype} seed={seed} {batch}"
+    with torch.set_grad_enabled(backward):
+        out = model(batch)
+        ref = ref_model(batch)
+    assert out.shape == (batch.n_doms, 128) and out.dtype == dtype, what
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref) <= tol, f"forward rel err {rel_err(out, ref):.3g} ({what})"
+    if backward:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        out.backward(g.to(dtype))
+        ref.backward(g.double())
+        for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+            e = rel_err(p.grad, p_ref.grad)
+            assert e <= tol, f"grad of {name}: rel err {e:.3g} > {tol} ({what})"
+
+
+@pytest.mark.parametrize("n_heads", [1, 8])
+@pytest.mark.parametrize("backend", ["loop", "padded", "flex_dense_eager"])
+def test_model_cpu_matches_reference(backend, n_heads):
+    compare_with_reference(backend, n_heads, "cpu", torch.float32, 6 if backend == "loop" else 20)
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU (run on the H100 through the device tool)")
+@pytest.mark.parametrize("n_heads", [1, 8])
+@pytest.mark.parametrize("backend,dtype", [("padded", torch.float32), ("flex_dense", torch.float32),
+                                           ("flex_block", torch.float32), ("flex_block", torch.bfloat16),
+                                           ("varlen", torch.bfloat16), ("padded", torch.bfloat16)])
+def test_model_cuda_matches_reference(backend, dtype, n_heads):
+    compare_with_reference(backend, n_heads, "cuda", dtype, 128)
+
+
+def test_project_qkv_shapes():
+    batch = batch_from_dom_sizes([4, 1, 2, 7])
+    model = DOMAggregator(n_heads=8)
+    q, k, v = model.project_qkv(batch)
+    assert q.shape == k.shape == v.shape == (batch.n_pulses, 8, 16)
+    assert not torch.equal(q, k)
+
+
+def test_prep_can_be_reused():
+    batch = batch_from_dom_sizes([4, 1, 2, 7])
+    model = DOMAggregator(backend="padded")
+    prep = model.prepare(batch)
+    assert torch.equal(model(batch, prep=prep), model(batch))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        DOMAggregator(d_model=100, n_heads=8)
+    with pytest.raises(KeyError, match="unknown attention backend 'nope'"):
+        DOMAggregator(backend="nope")

@@ -66,6 +66,8 @@ def test_model_cpu_matches_reference(backend, n_heads):
                                            ("flex_block", torch.float32), ("flex_block", torch.bfloat16),
                                            ("varlen", torch.bfloat16), ("padded", torch.bfloat16)])
 def test_model_cuda_matches_reference(backend, dtype, n_heads):
+    if backend == "flex_block" and dtype == torch.bfloat16 and n_heads == 8:
+        pytest.skip("one more flex compile (bf16, 8 heads) for no new code path; covered at 1 head")
     compare_with_reference(backend, n_heads, "cuda", dtype, 128)
 
 

@@ -15,8 +15,10 @@ Compilation, made visible
 -------------------------
 ``flex_dense`` runs ``flex_attention`` through ``torch.compile(dynamic=True)``: one graph serves every N,
 instead of a recompile per batch shape. Dynamo's recompile limit (``torch._dynamo.config.recompile_limit``,
-8 by default) would otherwise silently make flex run *eager* from the 9th shape on. Two counters keep that
-visible (``flex_compile_stats()``):
+8 by default) would otherwise silently make flex run *eager* from the 9th shape on. Dtype, head count,
+grad mode and the two backends (score_mod vs BlockMask) still each need a graph of their own, so our calls
+run under a raised limit (``RECOMPILE_LIMIT`` = 64, patched around our calls only). Two counters keep
+compilation visible (``flex_compile_stats()``):
 
 * ``compiles``: graphs compiled, counted by the wrapping compiler backend (inductor underneath);
 * ``eager_calls``: calls that ran the Python function un-traced, i.e. dynamo gave up on the frame (the
@@ -42,15 +44,21 @@ from iceaggr_lib.backends.pooling import mean_pool_packed
 from iceaggr_lib.collate import DomBatch
 
 ROW_BLOCK = 128
+# Recompile limit applied (via torch._dynamo.config.patch) around our compiled flex calls only. One frame
+# serves flex_dense and flex_block with every dtype, head count and grad mode, each a graph of its own, so
+# dynamo's default of 8 is too few; the count stays visible in flex_compile_stats() and warns at the limit.
+RECOMPILE_LIMIT = 64
 CPU_BACKWARD = (("cpu", "forward_backward"), "FlexAttention does not support backward on CPU")
 
 _STATS = {"calls": 0, "compiles": 0, "eager_calls": 0, "shapes": set()}
 _warned = set()
 
 
+_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def _recompile_limit() -> int:
-    config = torch._dynamo.config
-    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+    return RECOMPILE_LIMIT
 
 
 def flex_compile_stats() -> dict:
@@ -96,7 +104,8 @@ def compiled_flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None
     _STATS["shapes"].add((tuple(q.shape), q.dtype, q.device.type, q.requires_grad,
                           None if block_mask is None else tuple(block_mask.kv_indices.shape)))
     eager_before = _STATS["eager_calls"]
-    out = _compiled_flex_call(q, k, v, score_mod, block_mask, scale)
+    with torch._dynamo.config.patch(**{_LIMIT_NAME: RECOMPILE_LIMIT}):
+        out = _compiled_flex_call(q, k, v, score_mod, block_mask, scale)
     if _STATS["eager_calls"] > eager_before:
         _warn_once("eager", "compiled FlexAttention ran EAGER (dynamo gave up on the frame, e.g. the recompile "
                             f"limit {_recompile_limit()} was hit): see flex_compile_stats()")

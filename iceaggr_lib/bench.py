@@ -41,6 +41,7 @@ from __future__ import annotations
 import csv
 import gc
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,9 +210,11 @@ def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, 
 
 
 def _dynamo_frames() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(sum(counters["frames"].values())) if "frames" in counters else 0
+    """Frames dynamo has compiled so far (0 when dynamo was never imported: nothing compiled)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0
+    return int(utils.counters["frames"].get("total", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +392,7 @@ def _fmt(value):
 
 
 def _free(device: torch.device) -> None:
+    """After a failure: drop what the traceback kept alive and hand cached blocks back to the device."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -476,17 +480,17 @@ def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, n_h
     except KeyError as e:  # an unknown backend name: a row, not a crash
         return dict(status="error", message=_one_line(e))
     except Exception as e:  # noqa: BLE001 - OOM, compile failures, anything: a row, and the grid goes on
-        if _is_oom(e):
-            stopped[key] = f"out of memory at {inputs.batches[0].n_events} events"
-            return dict(status="oom", message=_one_line(e))
-        return dict(status="error", message=_one_line(e))
-    finally:
-        _free(device)
+        oom, message = _is_oom(e), _one_line(e)
+    _free(device)  # outside the except block: the traceback and the frames it held are gone
+    if oom:
+        stopped[key] = f"out of memory at {inputs.batches[0].n_events} events"
+        return dict(status="oom", message=message)
+    return dict(status="error", message=message)
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame:
     """A benchmark CSV as a DataFrame with numeric columns parsed (message never NaN)."""
-    df = pd.read_csv(csv_path)
+    df = pd.read_csv(csv_path, dtype={"message": "string"})
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{csv_path}: not a benchmark CSV, missing columns {missing}")

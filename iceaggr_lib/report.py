@@ -1,7 +1,168 @@
-"""`make report`: placeholder until the notebooks issue lands (issue 4)."""
+"""`make report`: run the three notebooks headless with papermill into one folder, and render them to HTML.
 
+    python -m iceaggr_lib.report --out reports/latest
+
+1. generates the embedded sample (``data/sample``, 20,000 events in the Kaggle layout) if absent;
+2. picks the grid: ``GPU_GRID`` when CUDA is visible, else the small ``CPU_GRID`` (``--grid`` overrides);
+3. runs ``notebooks/01_sparsity``, ``02_benchmark`` and ``03_report`` with papermill, parameters
+   injected, the executed notebooks and every artefact (sparsity_summary.json, benchmark.csv,
+   environment.json, figures/*.png, summary.md) written to ``--out``;
+4. renders each executed notebook to HTML with nbconvert.
+
+A failing notebook still leaves its executed copy (with the error in the failing cell) and its HTML,
+and the command exits non-zero naming the notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
 import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+NOTEBOOK_NAMES = ("01_sparsity", "02_benchmark", "03_report")
+DEFAULT_SAMPLE = ROOT / "data" / "sample"
+SAMPLE_EVENTS = 20_000
+
+# The CPU grid: small enough for ~10 minutes on 2 cores (FlexAttention compiles slowly on the CPU and
+# has no CPU backward, so its forward_backward rows are 'unsupported' rows).
+CPU_GRID = dict(
+    backends=["loop", "padded", "flex_dense_eager", "flex_dense", "flex_block"],
+    dtypes=["float32"],
+    batch_sizes=[4, 8, 16, 64],
+    modes=["forward", "forward_backward"],
+    n_heads=[1],
+    d_model=128,
+    repeats=10,
+    time_limit_s=None,
+)
+
+# The GPU grid: every registered backend except the float64 reference (which checks the others).
+GPU_GRID = dict(
+    backends=None,  # filled with the registry at run time, so later backends (dom_fused, auto) join in
+    dtypes=["bfloat16", "float32"],
+    batch_sizes=[4, 8, 16, 64, 256, 1024, 4096],
+    modes=["forward", "forward_backward"],
+    n_heads=[1, 8],
+    d_model=128,
+    repeats=20,
+    time_limit_s=None,
+)
+
+
+def ensure_sample(data_dir: str | Path = DEFAULT_SAMPLE, n_events: int = SAMPLE_EVENTS, seed: int = 0) -> Path:
+    """The embedded sample at ``data_dir``, generated (into a temporary folder, then renamed) if absent."""
+    data_dir = Path(data_dir)
+    if (data_dir / "train_meta.parquet").exists():
+        return data_dir
+    from iceaggr_lib.data.sample import write_dataset
+
+    tmp = data_dir.with_name(data_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    write_dataset(tmp, n_events, seed=seed)
+    if data_dir.exists():  # an incomplete earlier attempt
+        shutil.rmtree(data_dir)
+    tmp.rename(data_dir)
+    print(f"report: generated the sample ({n_events:,} events, seed {seed}) in {data_dir} "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    return data_dir
+
+
+def default_grid(kind: str = "auto") -> dict:
+    """The grid for this machine: 'gpu' when CUDA is visible (or asked for), else 'cpu'."""
+    import torch
+
+    from iceaggr_lib.backends import available_backends
+
+    if kind == "auto":
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"--grid must be auto, cpu or gpu, not '{kind}'")
+    grid = dict(GPU_GRID if kind == "gpu" else CPU_GRID)
+    if grid["backends"] is None:
+        grid["backends"] = [b for b in available_backends() if b != "reference"]
+    return grid
+
+
+def run_notebook(name: str, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with papermill into ``out_dir/<name>.ipynb``."""
+    import papermill as pm
+
+    output = out_dir / f"{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(output), parameters=parameters,
+                        kernel_name=kernel_name, cwd=str(NOTEBOOKS), progress_bar=False, log_output=True)
+    return output
+
+
+def render_html(notebook: Path) -> Path:
+    """``<notebook>.html`` beside the executed notebook (nbconvert's HTML exporter)."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(notebook))
+    html = notebook.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/latest", help="folder for executed notebooks, artefacts and HTML")
+    p.add_argument("--data-dir", default=None, help="a Kaggle-layout data set (default: the embedded sample, "
+                   "generated if absent)")
+    p.add_argument("--events", type=int, default=SAMPLE_EVENTS, help="events in a generated sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of a generated sample")
+    p.add_argument("--max-events", type=int, default=None, help="events read by the sparsity notebook (default all)")
+    p.add_argument("--grid", default="auto", help="auto, cpu or gpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backends", nargs="+", help="override the grid's backends")
+    p.add_argument("--dtypes", nargs="+", help="override the grid's dtypes")
+    p.add_argument("--batch-sizes", nargs="+", type=int, help="override the grid's batch sizes")
+    p.add_argument("--n-heads", nargs="+", type=int, help="override the grid's head counts")
+    p.add_argument("--modes", nargs="+", help="override the grid's modes")
+    p.add_argument("--repeats", type=int, help="override the grid's timed calls per point")
+    p.add_argument("--time-limit-s", type=float, help="bound the benchmark grid; later points become 'skipped' rows")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    p.add_argument("--no-html", action="store_true")
+    args = p.parse_args(argv)
+
+    t_all = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else ensure_sample(DEFAULT_SAMPLE, args.events, args.seed)
+    grid = default_grid(args.grid)
+    for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s"):
+        if getattr(args, key) is not None:
+            grid[key] = getattr(args, key)
+    params = {
+        "01_sparsity": dict(data_dir=str(data_dir), split="train", max_events=args.max_events, out_dir=str(out)),
+        "02_benchmark": dict(data_dir=str(data_dir), device=args.device, out_dir=str(out), **grid),
+        "03_report": dict(results_dir=str(out), out_dir=str(out)),
+    }
+    print(f"report: data {data_dir}, out {out}\nreport: grid {grid}", flush=True)
+    failed = None
+    for name in NOTEBOOK_NAMES:
+        t0 = time.perf_counter()
+        try:
+            nb = run_notebook(name, out, params[name], kernel_name=args.kernel)
+        except Exception as e:  # papermill has written the executed notebook with the failing cell
+            failed = f"{name}: {type(e).__name__}: {e}"
+            nb = out / f"{name}.ipynb"
+        print(f"report: {name} {'FAILED' if failed else 'done'} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if not args.no_html and nb.exists():
+            print(f"report: {render_html(nb)}", flush=True)
+        if failed:
+            break
+    print(f"report: total {time.perf_counter() - t_all:.1f} s; outputs in {out}", flush=True)
+    if failed:
+        print(f"report: FAILED in {failed}", file=sys.stderr)
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
-    print("make report: the notebooks arrive with the workbook issue; nothing to run yet.")
-    sys.exit(0)
+    sys.exit(main())

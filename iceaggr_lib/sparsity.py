@@ -184,3 +184,34 @@ def attention_work(stats: DomStats, batch_sizes: Iterable[int]) -> pd.DataFrame:
             padded_pair_waste=float(np.mean(1 - dom_pairs / padded)),
         ))
     return pd.DataFrame(rows)
+
+
+def write_summary(out_dir: str | Path, stats_summary: dict) -> Path:
+    """Write ``<out_dir>/sparsity_summary.json``."""
+    import json
+
+    path = Path(out_dir) / "sparsity_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats_summary, indent=2) + "\n")
+    return path
+
+
+def headline(stats_summary: dict, work: pd.DataFrame) -> str:
+    """A few sentences (markdown) on what the numbers mean for attention, computed from them."""
+    s = stats_summary
+    ppd = s["pulses_per_dom"]
+    lines = [
+        f"**{s['n_events']:,} events, {s['n_pulses']:,} pulses in {s['n_doms']:,} DOMs.** "
+        f"The median DOM holds {ppd['median']:g} pulse(s); {100 * s['singleton_dom_fraction']:.1f} % of DOMs "
+        f"hold exactly one, whose attention output is just its value vector. The p99 DOM holds "
+        f"{ppd['p99']:g} pulses and the largest {ppd['max']:,}.",
+    ]
+    if not work.empty:
+        big = work.iloc[-1]
+        lines.append(
+            f"At {int(big['batch_size']):,} events per batch (mean {big['pulses']:,.0f} pulses in {big['doms']:,.0f} "
+            f"DOMs), dense attention over the batch evaluates {big['dense_over_dom']:,.0f}x the score pairs that "
+            f"per-DOM attention needs (Σ n_d² = {big['dom_pairs']:,.0f}); padding every DOM to the longest "
+            f"({big['max_dom_pulses']:.0f} pulses on average) evaluates {big['padded_over_dom']:,.0f}x, and "
+            f"{100 * big['padded_slot_waste']:.1f} % of the padded tensor is padding.")
+    return "\n\n".join(lines)

@@ -1,0 +1,120 @@
+"""The report: derived columns, speedups, winners, the seed table, summary.md, the make-report driver."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from iceaggr_lib import envinfo, report, results
+from iceaggr_lib.bench import CSV_COLUMNS
+
+
+def row(backend, b, median, mode="forward", dtype="float32", heads=1, status="ok", first=None, message=""):
+    return dict(backend=backend, dtype=dtype, mode=mode, n_heads=heads, head_dim=128 // heads, batch_size=b,
+                n_pulses=100 * b, n_doms=60 * b, max_dom_pulses=30, status=status, message=message, median_ms=median,
+                p20_ms=median, p80_ms=median, prep_ms=0.0, first_call_ms=first if first else 2 * median,
+                peak_mem_mb=1.0, rel_err=0.0, device="cuda:0", torch_version="2.x")
+
+
+def table(rows):
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+ENV = {"copy_bandwidth_gbps": 2000.0, "device": "cuda:0", "gpu_name": "Test GPU", "torch_version": "2.x"}
+
+
+def test_floor_and_throughput():
+    df = results.with_derived(table([row("padded", 4, 2.0, dtype="bfloat16")]), ENV)
+    floor_bytes = (3 * 400 + 240) * 128 * 2  # q, k, v read + DOM output written, bf16
+    assert df["floor_ms"].iloc[0] == pytest.approx(floor_bytes / 2000e9 * 1e3)
+    assert df["x_floor"].iloc[0] == pytest.approx(2.0 / df["floor_ms"].iloc[0])
+    assert df["pulses_per_s"].iloc[0] == pytest.approx(400 / 2e-3)
+
+
+def test_speedups_winners_and_regimes():
+    rows = []
+    for b, (loop, padded, flex) in {4: (10, 1, 5), 16: (40, 2, 3), 64: (160, 8, 4), 256: (640, 30, 6)}.items():
+        rows += [row("loop", b, loop), row("padded", b, padded), row("flex_dense", b, flex)]
+    rows.append(row("fast_but_wrong", 64, 0.1, status="error", message="wrong result: rel_err 0.5 > tolerance 1e-05"))
+    df = results.with_derived(table(rows), ENV)
+    sp = results.speedups(df, "loop").set_index(["backend", "batch_size"])
+    assert sp.loc[("padded", 16), "speedup"] == pytest.approx(20.0)
+    assert sp.loc[("flex_dense", 256), "speedup"] == pytest.approx(640 / 6)
+    assert "fast_but_wrong" not in sp.index.get_level_values(0)
+    win = results.winners(df).set_index("batch_size")
+    assert win["winner"].to_dict() == {4: "padded", 16: "padded", 64: "flex_dense", 256: "flex_dense"}
+    assert win.loc[64, "runner_up"] == "padded" and win.loc[64, "margin"] == pytest.approx(2.0)
+    reg = results.regimes(results.winners(df))
+    assert reg[["batch_sizes", "winner"]].values.tolist() == [["4-16", "padded"], ["64-256", "flex_dense"]]
+
+
+def test_seed_comparison_keeps_the_seeds_numbers_and_adds_ours():
+    rows = [row("loop", 4, 9.0, first=50.0), row("flex_dense", 16, 0.5, first=4000.0), row("padded", 8, 1.0),
+            row("padded", 8, 0.2, dtype="bfloat16")]
+    seed = results.seed_comparison(table(rows)).set_index("batch_size")
+    assert seed.loc[4, "seed_loop_ms"] == 33.3 and seed.loc[16, "seed_flex_ms"] == 23.4
+    assert seed.loc[8, "seed_padded_ms"] == 23.0 and seed.loc[16, "seed_pulses"] == 1305
+    assert seed.loc[4, "our_loop_ms"] == 9.0 and seed.loc[4, "our_loop_first_ms"] == 50.0
+    assert seed.loc[16, "our_flex_dense_first_ms"] == 4000.0
+    assert seed.loc[8, "our_padded_ms"] == 1.0  # float32 preferred over bfloat16
+    assert np.isnan(seed.loc[8, "our_loop_ms"])
+
+
+def test_summary_markdown_is_computed_from_the_rows():
+    rows = [row("loop", 4, 10.0), row("padded", 4, 1.0), row("flex_dense", 4, 2.0),
+            row("varlen", 4, np.nan, status="unsupported", message="UnsupportedError: no cpu")]
+    md = results.summary_markdown(results.with_derived(table(rows), ENV), ENV)
+    assert "Test GPU" in md and "## Winner per regime" in md
+    assert "| forward | float32 | 1 | 4 | padded |" in md
+    assert "UnsupportedError: no cpu" in md
+    assert "33.3" in md  # the seed's table, labelled as the seed's
+    assert "seed's published numbers" in md
+    assert "nan" not in md.lower().replace("nanogpt", "")
+
+
+def test_load_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="benchmark.csv"):
+        results.load(tmp_path)
+    table([row("padded", 4, 1.0)]).to_csv(tmp_path / "benchmark.csv", index=False)
+    (tmp_path / "environment.json").write_text(json.dumps(ENV))
+    df, env = results.load(tmp_path)
+    assert df["message"].tolist() == [""] and env["gpu_name"] == "Test GPU"
+
+
+def test_default_grid_follows_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = report.default_grid()
+    assert cpu["dtypes"] == ["float32"] and max(cpu["batch_sizes"]) <= 64 and "reference" not in cpu["backends"]
+    gpu = report.default_grid("gpu")
+    assert gpu["batch_sizes"][0] == 4 and gpu["batch_sizes"][-1] == 4096 and set(gpu["n_heads"]) == {1, 8}
+    assert {"loop", "padded", "flex_dense", "flex_block", "varlen"} <= set(gpu["backends"])
+    assert "reference" not in gpu["backends"]
+    with pytest.raises(ValueError):
+        report.default_grid("tpu")
+
+
+def test_ensure_sample_keeps_an_existing_data_set(tmp_path):
+    (tmp_path / "train_meta.parquet").write_bytes(b"not regenerated")
+    assert report.ensure_sample(tmp_path, n_events=10) == tmp_path
+    assert (tmp_path / "train_meta.parquet").read_bytes() == b"not regenerated"
+
+
+def test_ensure_sample_generates_the_kaggle_layout(tmp_path):
+    pytest.importorskip("iceaggr_lib.data.sample")
+    out = report.ensure_sample(tmp_path / "s", n_events=30, seed=1)
+    assert (out / "train_meta.parquet").exists() and (out / "sensor_geometry.csv").exists()
+    assert list((out / "train").glob("batch_*.parquet"))
+    assert not (tmp_path / "s.partial").exists()
+
+
+def test_environment_info_on_cpu(tmp_path):
+    info = envinfo.collect("cpu", measure_bandwidth=False)
+    for key in ("cpu_model", "torch_version", "triton_version", "nvidia_driver", "settings", "device"):
+        assert key in info
+    assert info["settings"]["float32_matmul_precision"] in ("highest", "high", "medium")
+    bw = envinfo.measure_copy_bandwidth("cpu", n_bytes=8 << 20, repeats=3)
+    assert 1e8 < bw < 1e13
+    path = envinfo.write(tmp_path / "environment.json", info)
+    assert json.loads(path.read_text())["device"] == "cpu"

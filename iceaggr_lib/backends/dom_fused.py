@@ -53,10 +53,29 @@ LOG2E = 1.4426950408889634
 
 
 def _default_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Tile rows T (the small/large DOM threshold), large-DOM block BL, warps, fp32 dot precision."""
+    """Launch plan: ``levels`` = the tile sizes T of successive launches (DOMs with prev_T < n <= T go to
+    the launch of tile T; DOMs above the last T to its flash loop of ``block`` rows), warps per level,
+    and the fp32 dot precision."""
     if dtype == torch.float32:
-        return dict(tile=32, block=32, num_warps=4, precision="ieee")
-    return dict(tile=64, block=64, num_warps=8, precision="ieee")
+        return dict(levels=(16, 64), num_warps=(4, 4), block=32, precision="ieee")
+    return dict(levels=(16, 64), num_warps=(4, 4), block=64, precision="ieee")
+
+
+def _resolve(dtype, head_dim, levels=None, num_warps=None, block=None, precision=None, tile=None):
+    cfg = _default_config(dtype, head_dim)
+    if tile is not None:  # one level of tile T (the single-launch variant)
+        levels = (tile,)
+    levels = tuple(levels or cfg["levels"])
+    if num_warps is None:
+        num_warps = cfg["num_warps"] if len(cfg["num_warps"]) == len(levels) else (4,) * len(levels)
+    elif isinstance(num_warps, int):
+        num_warps = (num_warps,) * len(levels)
+    if any(t < 8 or t & (t - 1) for t in levels) or list(levels) != sorted(set(levels)):
+        raise ValueError(f"dom_fused: levels must be increasing powers of two >= 8, got {levels}")
+    block = block or cfg["block"]
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"dom_fused: block must be a power of two >= 16, got {block}")
+    return levels, tuple(num_warps), block, precision or cfg["precision"]
 
 
 if HAVE_TRITON:
@@ -75,7 +94,8 @@ if HAVE_TRITON:
     @triton.jit
     def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                    T: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
+                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
+                    BL: tl.constexpr, PREC: tl.constexpr):
         h = tl.program_id(1)
         w0, d_lo, d_hi = _window(DOM, CU, N, T)
         dcol = tl.arange(0, DH)
@@ -85,66 +105,69 @@ if HAVE_TRITON:
         in_n = rows < N
         dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
         cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
-        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r <= T)
-        rows64 = rows.to(tl.int64)
-        q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
-        k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
-        v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
-        valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-        s = tl.where(valid, s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-        l = tl.sum(p, axis=1)
-        p = p / tl.where(l > 0, l, 1.0)[:, None]
-        cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-        w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
-        a_idx = tl.arange(0, T)
-        out_d = d_lo + a_idx
-        sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
-        pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
-        pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
-        out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
-        st = (out_d < d_hi) & (out_cnt <= T)
-        tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
-                 pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+        if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
+            rows64 = rows.to(tl.int64)
+            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
+            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
+            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
+            valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+            s = tl.where(valid, s, float("-inf"))
+            m = tl.max(s, axis=1)
+            p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+            l = tl.sum(p, axis=1)
+            p = p / tl.where(l > 0, l, 1.0)[:, None]
+            cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+            w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
+            a_idx = tl.arange(0, T)
+            out_d = d_lo + a_idx
+            sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
+            pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
+            pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
+            out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+            st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+            tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
+                     pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
         # ---- the (at most one) large DOM starting in this window: flash loop --------------------
-        d_big = d_hi - 1
-        n_big = tl.load(CNT + d_big).to(tl.int32)
-        if (d_hi > d_lo) & (n_big > T):
-            s0 = tl.load(CU + d_big).to(tl.int64)
-            bl = tl.arange(0, BL)
-            pooled_acc = tl.zeros([DH], dtype=tl.float32)
-            for qs in range(0, n_big, BL):
-                qm = (qs + bl) < n_big
-                qr = s0 + qs + bl
-                qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros([BL], dtype=tl.float32)
-                acc = tl.zeros([BL, DH], dtype=tl.float32)
-                for ks in range(0, n_big, BL):
-                    km = (ks + bl) < n_big
-                    kr = s0 + ks + bl
-                    kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    sb = tl.where(km[None, :], sb, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-                    alpha = tl.exp2(m_i - m_new)
-                    pb = tl.exp2(sb - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(pb, axis=1)
-                    acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
-                    m_i = m_new
-                o = acc / l_i[:, None]
-                pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
-            tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
-                     (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
+        if HAS_LARGE:
+            d_big = d_hi - 1
+            n_big = tl.load(CNT + d_big).to(tl.int32)
+            if (d_hi > d_lo) & (n_big > T):
+                s0 = tl.load(CU + d_big).to(tl.int64)
+                bl = tl.arange(0, BL)
+                pooled_acc = tl.zeros([DH], dtype=tl.float32)
+                for qs in range(0, n_big, BL):
+                    qm = (qs + bl) < n_big
+                    qr = s0 + qs + bl
+                    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
+                    l_i = tl.zeros([BL], dtype=tl.float32)
+                    acc = tl.zeros([BL, DH], dtype=tl.float32)
+                    for ks in range(0, n_big, BL):
+                        km = (ks + bl) < n_big
+                        kr = s0 + ks + bl
+                        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                        sb = tl.where(km[None, :], sb, float("-inf"))
+                        m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+                        alpha = tl.exp2(m_i - m_new)
+                        pb = tl.exp2(sb - m_new[:, None])
+                        l_i = l_i * alpha + tl.sum(pb, axis=1)
+                        acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
+                        m_i = m_new
+                    o = acc / l_i[:, None]
+                    pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
+                tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
+                         (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
 
     @triton.jit
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale,
-                    T: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
+                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
+                    BL: tl.constexpr, PREC: tl.constexpr):
         """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1); LSE/DI: (N, H) fp32 scratch, row stride sx_n."""
         h = tl.program_id(1)
         w0, d_lo, d_hi = _window(DOM, CU, N, T)
@@ -155,105 +178,107 @@ if HAVE_TRITON:
         in_n = rows < N
         dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
         cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
-        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r <= T)
-        rows64 = rows.to(tl.int64)
-        q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
-        k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
-        v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-        g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
-                    other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-        s = tl.where(valid, s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-        l = tl.sum(p, axis=1)
-        p = p / tl.where(l > 0, l, 1.0)[:, None]
-        cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-        u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
-        di = tl.sum(p * u[None, :], axis=1)
-        ds = p * (u[None, :] - di[:, None])
-        dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * sm_scale
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * sm_scale
-        w = tl.sum(p, axis=0) / cntf
-        dv = w[:, None] * g
-        offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
-        tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
-        tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
-        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
+        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+        if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
+            rows64 = rows.to(tl.int64)
+            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
+            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
+            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+            g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
+                        other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+            s = tl.where(valid, s, float("-inf"))
+            m = tl.max(s, axis=1)
+            p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+            l = tl.sum(p, axis=1)
+            p = p / tl.where(l > 0, l, 1.0)[:, None]
+            cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+            u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
+            di = tl.sum(p * u[None, :], axis=1)
+            ds = p * (u[None, :] - di[:, None])
+            dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * sm_scale
+            dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * sm_scale
+            w = tl.sum(p, axis=0) / cntf
+            dv = w[:, None] * g
+            offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
+            tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
+            tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
 
         # ---- the large DOM of this window, if any ----------------------------------------------
-        d_big = d_hi - 1
-        n_big = tl.load(CNT + d_big).to(tl.int32)
-        if (d_hi > d_lo) & (n_big > T):
-            s0 = tl.load(CU + d_big).to(tl.int64)
-            inv_n = 1.0 / n_big.to(tl.float32)
-            bl = tl.arange(0, BL)
-            gv = tl.load(G + d_big.to(tl.int64) * sg_d + h * sg_h + dcol).to(tl.float32)
-            # pass 1, query blocks outer: log-sum-exp and O (online), Di = g.O/n, then dQ.
-            for qs in range(0, n_big, BL):
-                qm = (qs + bl) < n_big
-                qr = s0 + qs + bl
-                qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros([BL], dtype=tl.float32)
-                acc = tl.zeros([BL, DH], dtype=tl.float32)
-                for ks in range(0, n_big, BL):
-                    km = (ks + bl) < n_big
-                    kr = s0 + ks + bl
-                    kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    sb = tl.where(km[None, :], sb, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-                    alpha = tl.exp2(m_i - m_new)
-                    pb = tl.exp2(sb - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(pb, axis=1)
-                    acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
-                    m_i = m_new
-                lse = m_i + tl.log2(l_i)
-                di_b = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
-                dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
+        if HAS_LARGE:
+            d_big = d_hi - 1
+            n_big = tl.load(CNT + d_big).to(tl.int32)
+            if (d_hi > d_lo) & (n_big > T):
+                s0 = tl.load(CU + d_big).to(tl.int64)
+                inv_n = 1.0 / n_big.to(tl.float32)
+                bl = tl.arange(0, BL)
+                gv = tl.load(G + d_big.to(tl.int64) * sg_d + h * sg_h + dcol).to(tl.float32)
+                # pass 1, query blocks outer: log-sum-exp and O (online), Di = g.O/n, then dQ.
+                for qs in range(0, n_big, BL):
+                    qm = (qs + bl) < n_big
+                    qr = s0 + qs + bl
+                    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
+                    l_i = tl.zeros([BL], dtype=tl.float32)
+                    acc = tl.zeros([BL, DH], dtype=tl.float32)
+                    for ks in range(0, n_big, BL):
+                        km = (ks + bl) < n_big
+                        kr = s0 + ks + bl
+                        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                        sb = tl.where(km[None, :], sb, float("-inf"))
+                        m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+                        alpha = tl.exp2(m_i - m_new)
+                        pb = tl.exp2(sb - m_new[:, None])
+                        l_i = l_i * alpha + tl.sum(pb, axis=1)
+                        acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
+                        m_i = m_new
+                    lse = m_i + tl.log2(l_i)
+                    di_b = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
+                    dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
+                    for ks in range(0, n_big, BL):
+                        km = (ks + bl) < n_big
+                        kr = s0 + ks + bl
+                        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                        ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
+                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                        pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                        dsb = pb * (ub[None, :] - di_b[:, None])
+                        dq_acc += tl.dot(dsb.to(kb.dtype), kb, input_precision=PREC)
+                    tl.store(DQ + qr[:, None] * sd_n + h * sd_h + dcol[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
+                             mask=qm[:, None])
+                    tl.store(LSE + qr * sx_n + h, lse, mask=qm)
+                    tl.store(DI + qr * sx_n + h, di_b, mask=qm)
+                tl.debug_barrier()  # the scratch written above is read below by other threads of this program
+                # pass 2, key blocks outer: dK = scale dS^T Q, dV_j = (colsum_j P / n) g.
                 for ks in range(0, n_big, BL):
                     km = (ks + bl) < n_big
                     kr = s0 + ks + bl
                     kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
                     vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
                     ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
-                    dsb = pb * (ub[None, :] - di_b[:, None])
-                    dq_acc += tl.dot(dsb.to(kb.dtype), kb, input_precision=PREC)
-                tl.store(DQ + qr[:, None] * sd_n + h * sd_h + dcol[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
-                         mask=qm[:, None])
-                tl.store(LSE + qr * sx_n + h, lse, mask=qm)
-                tl.store(DI + qr * sx_n + h, di_b, mask=qm)
-            tl.debug_barrier()  # the scratch written above is read below by other threads of this program
-            # pass 2, key blocks outer: dK = scale dS^T Q, dV_j = (colsum_j P / n) g.
-            for ks in range(0, n_big, BL):
-                km = (ks + bl) < n_big
-                kr = s0 + ks + bl
-                kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
-                dk_acc = tl.zeros([BL, DH], dtype=tl.float32)
-                colp = tl.zeros([BL], dtype=tl.float32)
-                for qs in range(0, n_big, BL):
-                    qm = (qs + bl) < n_big
-                    qr = s0 + qs + bl
-                    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                    lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
-                    di_b = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    pb = tl.where(qm[:, None] & km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
-                    dsb = pb * (ub[None, :] - di_b[:, None])
-                    dk_acc += tl.dot(tl.trans(dsb).to(qb.dtype), qb, input_precision=PREC)
-                    colp += tl.sum(pb, axis=0)
-                tl.store(DK + kr[:, None] * sd_n + h * sd_h + dcol[None, :], (dk_acc * sm_scale).to(DK.dtype.element_ty),
-                         mask=km[:, None])
-                dvb = (colp * inv_n)[:, None] * gv[None, :]
-                tl.store(DV + kr[:, None] * sd_n + h * sd_h + dcol[None, :], dvb.to(DV.dtype.element_ty),
-                         mask=km[:, None])
+                    dk_acc = tl.zeros([BL, DH], dtype=tl.float32)
+                    colp = tl.zeros([BL], dtype=tl.float32)
+                    for qs in range(0, n_big, BL):
+                        qm = (qs + bl) < n_big
+                        qr = s0 + qs + bl
+                        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                        lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
+                        di_b = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
+                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                        pb = tl.where(qm[:, None] & km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                        dsb = pb * (ub[None, :] - di_b[:, None])
+                        dk_acc += tl.dot(tl.trans(dsb).to(qb.dtype), qb, input_precision=PREC)
+                        colp += tl.sum(pb, axis=0)
+                    tl.store(DK + kr[:, None] * sd_n + h * sd_h + dcol[None, :], (dk_acc * sm_scale).to(DK.dtype.element_ty),
+                             mask=km[:, None])
+                    dvb = (colp * inv_n)[:, None] * gv[None, :]
+                    tl.store(DV + kr[:, None] * sd_n + h * sd_h + dcol[None, :], dvb.to(DV.dtype.element_ty),
+                             mask=km[:, None])
 
 
 def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
@@ -273,41 +298,40 @@ def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, tile=None, block=None, num_warps=None,
-                  precision=None):
-    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool, one Triton launch."""
+def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
+    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one Triton launch per level."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    cfg = _default_config(q.dtype, q.shape[2])
-    tile, block = tile or cfg["tile"], block or cfg["block"]
-    num_warps, precision = num_warps or cfg["num_warps"], precision or cfg["precision"]
+    levels, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
-    n_doms = dom_counts.shape[0]
-    out = torch.empty((n_doms, n_heads, dh), device=q.device, dtype=q.dtype)
-    grid = (triton.cdiv(n, tile), n_heads)
-    _fwd_kernel[grid](q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      out.stride(0), out.stride(1), scale * LOG2E,
-                      T=tile, DH=dh, BL=block, PREC=precision, num_warps=num_warps)
+    out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
+    lo = 0
+    for i, (tile, nw) in enumerate(zip(levels, warps)):
+        _fwd_kernel[(triton.cdiv(n, tile), n_heads)](
+            q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), scale * LOG2E,
+            LO=lo, T=tile, HAS_LARGE=i == len(levels) - 1, DH=dh, BL=block, PREC=precision, num_warps=nw)
+        lo = tile
     return out
 
 
-def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, tile=None, block=None,
-                   num_warps=None, precision=None):
-    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh), one Triton launch (softmax recomputed)."""
-    cfg = _default_config(q.dtype, q.shape[2])
-    tile, block = tile or cfg["tile"], block or cfg["block"]
-    num_warps, precision = num_warps or cfg["num_warps"], precision or cfg["precision"]
+def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
+    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh), one launch per level (softmax recomputed)."""
+    levels, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
     dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, tile), n_heads)
-    _bwd_kernel[grid](q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale,
-                      T=tile, DH=dh, BL=block, PREC=precision, num_warps=num_warps)
+    lo = 0
+    for i, (tile, nw) in enumerate(zip(levels, warps)):
+        _bwd_kernel[(triton.cdiv(n, tile), n_heads)](
+            q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale,
+            LO=lo, T=tile, HAS_LARGE=i == len(levels) - 1, DH=dh, BL=block, PREC=precision, num_warps=nw)
+        lo = tile
     return dq, dk, dv
 
 

@@ -1,0 +1,263 @@
+"""Check and time the dom_fused backend on a GPU at the points of issue 5, beside the libraries and the floor.
+
+    PYTHONPATH=$PWD python3 scripts/bench_dom_fused.py --out $OUT [--libs] [--sweep] [--graphs]
+
+For each point (events, dtype, heads): rel error of forward and gradients vs the float64 reference
+(on the GPU), forward and forward+backward medians (triton.testing.do_bench, warm-up first, three
+rotating input sets), the memory floor (q, k, v read once + DOM embeddings written once, at 3 TB/s
+and at the measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
+prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
+times tile/warps/precision variants. ``--graphs`` times the whole layer forward at 16 events, eager
+and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from iceaggr_lib.backends import get_backend
+from iceaggr_lib.backends import dom_fused
+from iceaggr_lib.testing import rel_err
+
+RESULTS: list[dict] = []
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def make_batches(n_events_list, seed=0):
+    from iceaggr_lib.data.sample import generate_table
+    table = generate_table(max(n_events_list), seed=seed)
+    return {e: table.batch(0, e) for e in n_events_list}
+
+
+def qkv_sets(n, h, dh, dtype, n_sets=3, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [tuple(torch.randn(n, h, dh, device="cuda", dtype=torch.float32, generator=g).to(dtype) for _ in range(3))
+            for _ in range(n_sets)]
+
+
+def bench(fn, n_sets):
+    import triton.testing
+    state = {"i": 0}
+
+    def step():
+        fn(state["i"] % n_sets)
+        state["i"] += 1
+    ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="all")
+    ms = np.asarray(ms)
+    return float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90))
+
+
+def floor_ms(batch, h, dh, dtype, bw):
+    es = torch.tensor([], dtype=dtype).element_size()
+    fwd = (3 * batch.n_pulses + batch.n_doms) * h * dh * es
+    bwd = (6 * batch.n_pulses + batch.n_doms) * h * dh * es  # read q,k,v,g; write dq,dk,dv
+    return fwd / bw * 1e3, (fwd + bwd) / bw * 1e3
+
+
+def copy_bandwidth():
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    y = torch.empty_like(x)
+    import triton.testing
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def fused_fn(batch, scale, **cfg):
+    cu, dom, cnt = batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts
+    return lambda q, k, v: dom_fused.dom_fused_attention(q, k, v, cu, dom, cnt, scale, **cfg)
+
+
+def lib_fn(name, batch, h, dh, dtype, scale):
+    spec = get_backend(name)
+    spec.check("cuda", dtype, "forward")
+    t0 = time.perf_counter()
+    prep = spec.prepare(batch, h, dh, dtype)
+    torch.cuda.synchronize()
+    prep_ms = (time.perf_counter() - t0) * 1e3
+    return (lambda q, k, v: spec.attend(q, k, v, batch, prep, scale)), prep_ms
+
+
+def check(fn, batch, h, dh, dtype, scale, seed=11):
+    ref = get_backend("reference")
+    q, k, v = (t.requires_grad_(True) for t in qkv_sets(batch.n_pulses, h, dh, dtype, 1, seed)[0])
+    out = fn(q, k, v)
+    g = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    r = ref.attend(q64, k64, v64, batch, ref.prepare(batch, h, dh, torch.float64), scale)
+    rg = torch.autograd.grad(r, (q64, k64, v64), g.double())
+    return {"err_out": rel_err(out, r), "err_dq": rel_err(grads[0], rg[0]), "err_dk": rel_err(grads[1], rg[1]),
+            "err_dv": rel_err(grads[2], rg[2])}
+
+
+def time_point(name, fn, batch, h, dh, dtype, modes=("forward", "forward_backward")):
+    sets = qkv_sets(batch.n_pulses, h, dh, dtype, 3)
+    row = {}
+    if "forward" in modes:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            fn(*sets[0]); torch.cuda.synchronize()
+            row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            row["fwd_ms"], row["fwd_p10"], row["fwd_p90"] = bench(lambda i: fn(*sets[i]), 3)
+    if "forward_backward" in modes:
+        gsets = [tuple(t.detach().requires_grad_(True) for t in s) for s in sets]
+        out0 = fn(*gsets[0])
+        gout = torch.randn_like(out0)
+
+        def fb(i):
+            out = fn(*gsets[i])
+            torch.autograd.grad(out, gsets[i], gout)
+        fb(0); torch.cuda.synchronize()
+        row["fb_ms"], row["fb_p10"], row["fb_p90"] = bench(fb, 3)
+    del sets
+    return row
+
+
+def peak_memory(fn, batch, h, dh, dtype):
+    q, k, v = qkv_sets(batch.n_pulses, h, dh, dtype, 1, 3)[0]
+    torch.cuda.synchronize()
+    es = q.element_size()
+    io = (3 * batch.n_pulses + batch.n_doms) * h * dh * es
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        out = fn(q, k, v)
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated() - base + 3 * q.numel() * es
+    del out
+    qg, kg, vg = (t.requires_grad_(True) for t in (q, k, v))
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(qg, kg, vg)
+    grads = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    torch.cuda.synchronize()
+    fb_peak = torch.cuda.max_memory_allocated() - base + 3 * q.numel() * es
+    return {"io_bytes": io, "fwd_peak_bytes": fwd_peak, "fwd_peak_over_io": fwd_peak / io,
+            "fb_peak_bytes": fb_peak, "fb_io_bytes": 2 * io, "fb_peak_over_io": fb_peak / (2 * io)}
+
+
+def graphs_bench(batch16):
+    from iceaggr_lib.graphs import GraphedDomForward
+    from iceaggr_lib.model import DOMAggregator
+    import triton.testing
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = DOMAggregator(backend="dom_fused").to("cuda", dtype)
+        b = batch16.to("cuda")
+        with torch.no_grad():
+            eager = triton.testing.do_bench(lambda: model(b), warmup=50, rep=300, return_mode="median")
+            gf = GraphedDomForward(model)
+            staged = gf.stage(batch16)
+            out_g = gf.replay(staged).clone()
+            out_e = model(b)
+            replay = triton.testing.do_bench(lambda: gf.replay(staged), warmup=50, rep=300, return_mode="median")
+            stage_and_replay = triton.testing.do_bench(lambda: gf(batch16), warmup=20, rep=200, return_mode="median")
+            # wall clock of replays, as a user sees it (host + device), per call
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            for _ in range(1000):
+                gf.replay(staged)
+            torch.cuda.synchronize(); wall = (time.perf_counter() - t0) * 1e3 / 1000
+        res[str(dtype)] = {"eager_ms": eager, "graph_replay_ms": replay, "graph_replay_wall_ms": wall,
+                           "stage_plus_replay_ms": stage_and_replay, "graph_vs_eager_rel_err": rel_err(out_g, out_e),
+                           "n_pulses": batch16.n_pulses, "n_doms": batch16.n_doms}
+        log("graphs", dtype, res[str(dtype)])
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--libs", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--sweep-events", default="1024", type=lambda x: [int(e) for e in x.split(",")])
+    ap.add_argument("--points", default="1024:bf16:1,4096:bf16:1,4096:fp32:1,4096:bf16:8,4096:fp32:8,1024:fp32:1,1024:bf16:8")
+    args = ap.parse_args()
+    import triton
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    env["copy_bw_Bps"] = copy_bandwidth()
+    log("env", env)
+    t0 = time.perf_counter()
+    batches = make_batches([16, 1024, 4096])
+    log(f"batches built in {time.perf_counter() - t0:.1f} s:", {e: repr(b) for e, b in batches.items()})
+    gpu = {e: b.to("cuda") for e, b in batches.items()}
+    graphs = graphs_bench(batches[16]) if args.graphs else None
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    summary = []
+    for p in args.points.split(","):
+        ev, dname, h = p.split(":")
+        ev, h, dtype = int(ev), int(h), dt[dname]
+        b = gpu[ev]
+        dh = 128 // h
+        scale = dh ** -0.5
+        f3, fb3 = floor_ms(b, h, dh, dtype, 3e12)
+        fbw, _ = floor_ms(b, h, dh, dtype, env["copy_bw_Bps"])
+        base = {"events": ev, "dtype": dname, "heads": h, "head_dim": dh, "n_pulses": b.n_pulses, "n_doms": b.n_doms,
+                "max_dom": b.max_dom_pulses, "floor_fwd_ms_3TBs": f3, "floor_fwd_ms_measured_bw": fbw,
+                "floor_fb_ms_3TBs": fb3}
+        variants = [("dom_fused", {})]
+        if args.sweep and ev in args.sweep_events:
+            for levels, warps in (((16, 64), (2, 4)), ((16, 64), (4, 8)), ((8, 32), (2, 4)), ((8, 32, 128), (2, 4, 8)),
+                                  ((16,), (4,)), ((32, 128), (4, 8))):
+                variants.append((f"dom_fused[{levels},w={warps}]", dict(levels=levels, num_warps=warps)))
+            if dtype == torch.float32:
+                variants.append(("dom_fused[tf32x3]", dict(precision="tf32x3")))
+                variants.append(("dom_fused[tf32x3,(8,32)]", dict(precision="tf32x3", levels=(8, 32), num_warps=(2, 4))))
+        for name, cfg in variants:
+            row = dict(base, backend=name, config=cfg)
+            try:
+                fn = fused_fn(b, scale, **cfg)
+                row.update(check(fn, b, h, dh, dtype, scale))
+                row.update(time_point(name, fn, b, h, dh, dtype))
+                if ev == 1024 and name == "dom_fused":
+                    row.update(peak_memory(fn, b, h, dh, dtype))
+            except Exception as e:  # record, keep going
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["elapsed_s"] = time.perf_counter() - t0
+            RESULTS.append(row)
+            log(json.dumps(row))
+        if args.libs and ev == 1024 and dtype == torch.bfloat16:
+            for lib in ("varlen", "flex_block"):
+                row = dict(base, backend=lib)
+                try:
+                    fn, prep_ms = lib_fn(lib, b, h, dh, dtype, scale)
+                    row["prep_ms_first"] = prep_ms
+                    fn, prep_ms = lib_fn(lib, b, h, dh, dtype, scale)
+                    row["prep_ms"] = prep_ms
+                    row.update(time_point(lib, fn, b, h, dh, dtype))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                RESULTS.append(row)
+                log(json.dumps(row))
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"env": env, "results": RESULTS, "graphs": graphs}, f, indent=1)
+    log("\n== summary (ms, medians; floor at 3 TB/s) ==")
+    log(f"{'point':<18}{'backend':<26}{'fwd':>8}{'fb':>8}{'floor':>8}{'x floor':>8}  errs out/dq/dk/dv")
+    for r in RESULTS:
+        pt = f"{r['events']} {r['dtype']} {r['heads']}x{r['head_dim']}"
+        if "error" in r:
+            log(f"{pt:<18}{r['backend']:<26} ERROR {r['error'][:80]}")
+            continue
+        errs = "/".join(f"{r[k]:.1e}" for k in ("err_out", "err_dq", "err_dk", "err_dv") if k in r)
+        log(f"{pt:<18}{r['backend']:<26}{r.get('fwd_ms', float('nan')):8.3f}{r.get('fb_ms', float('nan')):8.3f}"
+            f"{r['floor_fwd_ms_3TBs']:8.3f}{r.get('fwd_ms', float('nan')) / r['floor_fwd_ms_3TBs']:8.2f}  {errs}"
+            + (f"  mem fwd {r['fwd_peak_over_io']:.2f}x io, fb {r['fb_peak_over_io']:.2f}x" if "fwd_peak_over_io" in r else ""))
+    if graphs:
+        for k, g in graphs.items():
+            log(f"graphs 16 events {k}: eager {g['eager_ms']*1e3:.1f} us, replay {g['graph_replay_ms']*1e3:.1f} us "
+                f"(wall {g['graph_replay_wall_ms']*1e3:.1f} us), stage+replay {g['stage_plus_replay_ms']*1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

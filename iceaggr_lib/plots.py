@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -93,18 +95,16 @@ def attention_work_figure(work: pd.DataFrame):
                               ("dom_pairs", "block-diagonal Σ n_d² (the least)", backend_color("dom_fused"))]:
         ax1.plot(b, work[col], "o-", label=label, color=color)
     ax1.plot(b, work["pulses"], "k:", label="N (one pair per pulse)")
-    ax1.set_xscale("log", base=2)
+    _batch_axis(ax1, b)
     ax1.set_yscale("log")
-    ax1.set_xlabel("batch size [events]")
     ax1.set_ylabel("attention score pairs per batch (mean)")
     ax1.set_title("Attention work per batch")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3, which="both")
     ax2.plot(b, 100 * work["padded_slot_waste"], "o-", label="padding slots in the (D, max) tensor")
     ax2.plot(b, 100 * work["padded_pair_waste"], "s-", label="masked pairs in D·max² scores")
-    ax2.set_xscale("log", base=2)
+    _batch_axis(ax2, b)
     ax2.set_ylim(0, 100)
-    ax2.set_xlabel("batch size [events]")
     ax2.set_ylabel("waste [%]")
     ax2.set_title("Padding waste of padded attention")
     ax2.legend(fontsize=8)
@@ -137,6 +137,16 @@ def _by_backend(panel: pd.DataFrame):
         yield backend, g.sort_values("batch_size")
 
 
+def _batch_axis(ax, sizes) -> None:
+    """Log2 x axis labelled with the batch sizes themselves (4, 16, 1024, not 2^k)."""
+    sizes = sorted({int(x) for x in sizes})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([f"{s:,}" for s in sizes], fontsize=8)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("batch size [events]")
+
+
 def _empty(title: str, text: str):
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
@@ -161,10 +171,9 @@ def time_vs_batch(df: pd.DataFrame, floor: bool = True):
         if floor and "floor_ms" in panel and panel["floor_ms"].notna().any():
             fl = panel.groupby("batch_size")["floor_ms"].median()
             ax.plot(fl.index, fl.values, "k--", lw=1.2, label="memory floor")
-        ax.set_xscale("log", base=2)
+        _batch_axis(ax, panel["batch_size"])
         ax.set_yscale("log")
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
-        ax.set_xlabel("batch size [events]")
         ax.set_ylabel("time per batch [ms]")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -184,10 +193,9 @@ def throughput_vs_batch(df: pd.DataFrame):
         panel = ok[(ok["mode"] == mode) & (ok["dtype"] == dtype) & (ok["n_heads"] == heads)]
         for backend, g in _by_backend(panel):
             ax.plot(g["batch_size"], g["pulses_per_s"], "o-", ms=4, color=backend_color(backend), label=backend)
-        ax.set_xscale("log", base=2)
+        _batch_axis(ax, panel["batch_size"])
         ax.set_yscale("log")
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
-        ax.set_xlabel("batch size [events]")
         ax.set_ylabel("pulses / s")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -207,10 +215,9 @@ def speedup_vs(table: pd.DataFrame, baseline: str):
         for backend, g in _by_backend(panel):
             ax.plot(g["batch_size"], g["speedup"], "o-", ms=4, color=backend_color(backend), label=backend)
         ax.axhline(1.0, color="k", lw=1)
-        ax.set_xscale("log", base=2)
+        _batch_axis(ax, panel["batch_size"])
         ax.set_yscale("log")
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
-        ax.set_xlabel("batch size [events]")
         ax.set_ylabel(f"speedup vs {baseline} (x)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -234,10 +241,9 @@ def memory_vs_batch(df: pd.DataFrame):
         if "io_mb" in panel:
             io = panel.groupby("batch_size")["io_mb"].median()
             ax.plot(io.index, io.values, "k--", lw=1.2, label="inputs + outputs")
-        ax.set_xscale("log", base=2)
+        _batch_axis(ax, panel["batch_size"])
         ax.set_yscale("log")
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
-        ax.set_xlabel("batch size [events]")
         ax.set_ylabel("peak memory above inputs [MB]")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

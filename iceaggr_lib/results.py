@@ -150,14 +150,26 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
 # markdown
 
 
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+def format_number(v: float) -> str:
+    """Readable: 12,345 / 123 / 1.23 / 0.0123 / 1.2e-06; whole numbers without decimals."""
+    if np.isnan(v):
+        return ""
+    a = abs(v)
+    if a >= 100 or (a >= 1 and float(v).is_integer()):
+        return f"{v:,.0f}"
+    if a >= 0.01:
+        return f"{v:.3g}"
+    return "0" if v == 0 else f"{v:.2g}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
     """A GitHub markdown table of ``df`` (no extra dependency)."""
     if df.empty:
         return "(none)\n"
 
     def cell(v):
         if isinstance(v, (float, np.floating)):
-            return "" if np.isnan(v) else floatfmt.format(v)
+            return format_number(float(v))
         return str(v)
 
     cols = [str(c) for c in df.columns]
@@ -207,7 +219,7 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
                   "over the rotated batches of our data set.", "", markdown_table(seed)]
     bad = df[df["status"] != "ok"]
     if not bad.empty:
-        lines += ["## Rows that are not ok", "", markdown_table(status_counts(df).reset_index()),
+        lines += ["## Status of every row, per backend", "", markdown_table(status_counts(df).reset_index()),
                   "First message per (backend, status):", ""]
         first = bad.drop_duplicates(["backend", "status"])[["backend", "status", "dtype", "mode", "batch_size",
                                                             "message"]]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run the workbook on the lent GPU machine (the device tool's `run`) and bring the report back.
+#
+#   device run, carry [".whl"], command:
+#     bash scripts/device_report.sh                 # the full GPU grid (see iceaggr_lib/report.py)
+#     bash scripts/device_report.sh --batch-sizes 4 1024 --repeats 5 --time-limit-s 60   # a smoke run
+#
+# .whl holds the notebook stack as wheels (papermill, ipykernel, nbconvert, nbval, ...):
+#   cp -r ../shared/device-wheels .whl     (git-ignored; see /work/shared/device-wheels/README.md)
+# The machine's python3 already has torch, triton, pandas, pyarrow, matplotlib and tqdm.
+#
+# It installs the wheels into /tmp/site, generates the embedded sample (data/sample), runs
+# 01_sparsity, 02_benchmark and 03_report with papermill into reports/h100/ (executed notebooks,
+# benchmark.csv, environment.json, sparsity_summary.json, figures/, summary.md, HTML), and packs that
+# folder into $OUT/h100_report.tar.gz; the log goes to $OUT/report.log. Extra arguments go to
+# `python -m iceaggr_lib.report`. Unpack here with: tar xzf h100_report.tar.gz -C reports/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+REPORT_DIR=${REPORT_DIR:-reports/h100}
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  || { echo "device_report: installing the wheels from .whl failed (was .whl carried?)"; exit 2; }
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+python3 -m iceaggr_lib.report --out "$REPORT_DIR" --kernel python3 "$@" 2>&1 | tee "$OUT/report.log"
+status=${PIPESTATUS[0]}
+
+tar czf "$OUT/h100_report.tar.gz" -C "$(dirname "$REPORT_DIR")" "$(basename "$REPORT_DIR")"
+ls -la "$REPORT_DIR" "$REPORT_DIR/figures" 2>/dev/null
+du -h "$OUT/h100_report.tar.gz"
+[ -f "$REPORT_DIR/summary.md" ] && head -40 "$REPORT_DIR/summary.md"
+echo "device_report: report exit status $status"
+exit "$status"

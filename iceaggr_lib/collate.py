@@ -34,6 +34,10 @@ Two ways in
   the data reader and the benchmarks use.
 * ``collate_events(events)`` takes any list of event records (dicts, as a ``torch.utils.data``
   Dataset yields them) and does the sort itself, vectorised.
+
+Speed: ``PulseTable`` computes the float32 feature matrix once, when it is built, so ``batch`` is a
+copy of contiguous rows plus per-DOM offset arithmetic (``python -m iceaggr_lib.collate_bench``
+measures it). ``concat_batches`` joins DomBatches of consecutive ranges (e.g. across two files).
 """
 
 from __future__ import annotations
@@ -119,7 +123,9 @@ class PulseTable:
     """Pulses of many events sorted by (event, sensor, time), DOM boundaries precomputed.
 
     A whole Kaggle batch file is loaded into one of these once; ``batch(e0, e1)`` then slices out
-    consecutive events. Offsets are int64 row indices into the pulse columns.
+    consecutive events. Offsets are int64 row indices into the pulse columns. ``pulse_features`` is
+    the (N, 6) float32 feature matrix of all pulses, computed once (by ``from_pulses``, or on the
+    first ``batch`` call for a table built field by field).
     """
 
     event_ids: np.ndarray  # (E,) int64
@@ -133,6 +139,7 @@ class PulseTable:
     auxiliary: np.ndarray  # (N,) bool
     sensor_xyz: np.ndarray  # (n_sensors, 3) float64, geometry indexed by sensor id
     targets: np.ndarray | None = None  # (E, 2) float64 azimuth, zenith
+    pulse_features: np.ndarray | None = None  # (N, N_PULSE_FEATURES) float32, see the module doc
 
     @property
     def n_events(self) -> int:
@@ -153,47 +160,72 @@ class PulseTable:
         """Sort pulses by (event, sensor, time) and find the DOM boundaries, all vectorised.
 
         ``event_index`` (N,) gives each pulse's event as an index 0..E-1 into ``event_ids``; every
-        event must own at least one pulse. ``sensor_xyz`` is indexed by sensor id.
+        event must own at least one pulse. ``sensor_xyz`` is indexed by sensor id. Input already in
+        the Kaggle order (events contiguous, time-ordered within each event) needs one integer sort;
+        input already in (event, sensor, time) order needs none; any other order is sorted fully.
         """
         event_index = np.asarray(event_index, dtype=np.int64)
         sensor_id = np.asarray(sensor_id, dtype=np.int64)
-        n_events = len(event_ids)
-        # One stable sort on time, then one on the (event, sensor) key, gives (event, sensor, time)
-        # order; the composite key is cheaper than lexsort over three columns.
-        order = np.argsort(time, kind="stable")
-        key = event_index[order] * np.int64(max(len(sensor_xyz), 1)) + sensor_id[order]
-        order = order[np.argsort(key, kind="stable")]
-        key_sorted = event_index[order] * np.int64(max(len(sensor_xyz), 1)) + sensor_id[order]
-        sensor_sorted = sensor_id[order]
-        event_sorted = event_index[order]
+        time = np.asarray(time, dtype=np.float64)
+        event_ids = np.asarray(event_ids, dtype=np.int64)
+        sensor_xyz = np.asarray(sensor_xyz, dtype=np.float64)
+        n_events, n_sensors, n = len(event_ids), len(sensor_xyz), len(event_index)
+        if not (len(sensor_id) == len(time) == len(charge) == len(auxiliary) == n):
+            raise ValueError("PulseTable.from_pulses: pulse columns differ in length")
+        if n and (sensor_id.min() < 0 or sensor_id.max() >= n_sensors):
+            bad = sensor_id[(sensor_id < 0) | (sensor_id >= n_sensors)][0]
+            raise ValueError(f"PulseTable.from_pulses: sensor id {bad} is not in the geometry (0..{n_sensors - 1})")
+        if n and (event_index.min() < 0 or event_index.max() >= n_events):
+            raise ValueError(f"PulseTable.from_pulses: event_index outside 0..{n_events - 1}")
 
-        n = len(order)
+        order = _sort_order(event_index, sensor_id, time, n_sensors)
+        if order is None:  # already in (event, sensor, time) order
+            event_sorted, sensor_sorted = event_index, sensor_id
+            time_sorted = time
+            charge_sorted = np.asarray(charge, dtype=np.float64)
+            aux_sorted = np.asarray(auxiliary, dtype=bool)
+        else:
+            event_sorted, sensor_sorted, time_sorted = event_index[order], sensor_id[order], time[order]
+            charge_sorted = np.asarray(charge, dtype=np.float64)[order]
+            aux_sorted = np.asarray(auxiliary, dtype=bool)[order]
+
         new_dom = np.empty(n, dtype=bool)
         if n:
             new_dom[0] = True
-            np.not_equal(key_sorted[1:], key_sorted[:-1], out=new_dom[1:])
+            # a new DOM starts where the sensor or the event changes
+            np.not_equal(sensor_sorted[1:], sensor_sorted[:-1], out=new_dom[1:])
+            new_dom[1:] |= event_sorted[1:] != event_sorted[:-1]
         dom_starts = np.flatnonzero(new_dom)
         dom_pulse_offsets = np.append(dom_starts, n).astype(np.int64)
         event_pulse_offsets = np.searchsorted(event_sorted, np.arange(n_events + 1), side="left").astype(np.int64)
+        empty = np.flatnonzero(np.diff(event_pulse_offsets) == 0)
+        if len(empty):
+            raise ValueError(f"PulseTable.from_pulses: event {event_ids[empty[0]]} has no pulses "
+                             f"({len(empty)} empty event(s) in all)")
         event_dom_offsets = np.searchsorted(dom_starts, event_pulse_offsets, side="left").astype(np.int64)
         return cls(
-            event_ids=np.asarray(event_ids, dtype=np.int64),
+            event_ids=event_ids,
             event_pulse_offsets=event_pulse_offsets,
             event_dom_offsets=event_dom_offsets,
             dom_pulse_offsets=dom_pulse_offsets,
             dom_sensor_ids=sensor_sorted[dom_starts],
             sensor_id=sensor_sorted,
-            time=np.asarray(time, dtype=np.float64)[order],
-            charge=np.asarray(charge, dtype=np.float64)[order],
-            auxiliary=np.asarray(auxiliary, dtype=bool)[order],
-            sensor_xyz=np.asarray(sensor_xyz, dtype=np.float64),
+            time=time_sorted,
+            charge=charge_sorted,
+            auxiliary=aux_sorted,
+            sensor_xyz=sensor_xyz,
             targets=None if targets is None else np.asarray(targets, dtype=np.float64),
+            pulse_features=pulse_features_from_columns(sensor_xyz[sensor_sorted], time_sorted, charge_sorted,
+                                                       aux_sorted),
         )
 
     def batch(self, e0: int, e1: int) -> DomBatch:
-        """The DomBatch of consecutive events ``e0 .. e1-1``: slices plus offset arithmetic."""
+        """The DomBatch of consecutive events ``e0 .. e1-1``: a row copy plus offset arithmetic."""
         if not 0 <= e0 < e1 <= self.n_events:
             raise IndexError(f"event range [{e0}, {e1}) is outside this table of {self.n_events} events")
+        if self.pulse_features is None:
+            self.pulse_features = pulse_features_from_columns(self.sensor_xyz[self.sensor_id], self.time,
+                                                              self.charge, self.auxiliary)
         p0, p1 = int(self.event_pulse_offsets[e0]), int(self.event_pulse_offsets[e1])
         d0, d1 = int(self.event_dom_offsets[e0]), int(self.event_dom_offsets[e1])
         cu = self.dom_pulse_offsets[d0:d1 + 1] - p0
@@ -201,11 +233,8 @@ class PulseTable:
         n_doms = d1 - d0
         event_dom_counts = np.diff(self.event_dom_offsets[e0:e1 + 1])
         dom_ids = self.dom_sensor_ids[d0:d1]
-        sensors = self.sensor_id[p0:p1]
-        features = pulse_features_from_columns(self.sensor_xyz[sensors], self.time[p0:p1],
-                                               self.charge[p0:p1], self.auxiliary[p0:p1])
         return DomBatch(
-            pulse_features=torch.from_numpy(features),
+            pulse_features=torch.from_numpy(self.pulse_features[p0:p1].copy()),  # a copy: batches never alias the table
             pulse_to_dom_idx=torch.from_numpy(np.repeat(np.arange(n_doms, dtype=np.int64), dom_pulse_counts)),
             dom_pulse_counts=torch.from_numpy(dom_pulse_counts),
             cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
@@ -223,6 +252,81 @@ class PulseTable:
         """Yield DomBatches of ``batch_size`` consecutive events (the last one may be shorter)."""
         for e0 in range(0, self.n_events, batch_size):
             yield self.batch(e0, min(e0 + batch_size, self.n_events))
+
+    def slice_events(self, e0: int, e1: int) -> "PulseTable":
+        """The sub-table of events ``e0 .. e1-1`` (views of this table's columns, offsets rebased)."""
+        if not 0 <= e0 < e1 <= self.n_events:
+            raise IndexError(f"event range [{e0}, {e1}) is outside this table of {self.n_events} events")
+        p0, p1 = int(self.event_pulse_offsets[e0]), int(self.event_pulse_offsets[e1])
+        d0, d1 = int(self.event_dom_offsets[e0]), int(self.event_dom_offsets[e1])
+        return PulseTable(
+            event_ids=self.event_ids[e0:e1],
+            event_pulse_offsets=self.event_pulse_offsets[e0:e1 + 1] - p0,
+            event_dom_offsets=self.event_dom_offsets[e0:e1 + 1] - d0,
+            dom_pulse_offsets=self.dom_pulse_offsets[d0:d1 + 1] - p0,
+            dom_sensor_ids=self.dom_sensor_ids[d0:d1],
+            sensor_id=self.sensor_id[p0:p1], time=self.time[p0:p1], charge=self.charge[p0:p1],
+            auxiliary=self.auxiliary[p0:p1], sensor_xyz=self.sensor_xyz,
+            targets=None if self.targets is None else self.targets[e0:e1],
+            pulse_features=None if self.pulse_features is None else self.pulse_features[p0:p1],
+        )
+
+
+def _sort_order(event_index: np.ndarray, sensor_id: np.ndarray, time: np.ndarray, n_sensors: int) -> np.ndarray | None:
+    """The permutation into (event, sensor, time) order, or None when the pulses are in it already.
+
+    Three cases, cheapest first: already sorted (no sort); Kaggle order, i.e. events contiguous and
+    ascending with time non-decreasing inside each (one stable integer sort on the (event, sensor)
+    key keeps the time order); anything else (a full three-key stable sort, arrow's being the fastest).
+    """
+    n = len(event_index)
+    if n < 2:
+        return None
+    key = event_index * np.int64(max(n_sensors, 1)) + sensor_id
+    same_key = key[1:] == key[:-1]
+    time_up = time[1:] >= time[:-1]
+    if np.all(key[1:] >= key[:-1]) and np.all(time_up | ~same_key):
+        return None
+    event_up = event_index[1:] >= event_index[:-1]
+    if np.all(event_up) and np.all(time_up | (event_index[1:] != event_index[:-1])):
+        return np.argsort(key, kind="stable")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = pa.table({"key": key, "time": time})
+    return pc.sort_indices(columns, sort_keys=[("key", "ascending"), ("time", "ascending")]).to_numpy()
+
+
+def concat_batches(batches: Sequence[DomBatch]) -> DomBatch:
+    """Join DomBatches (e.g. consecutive event ranges from two files) into one; offsets shifted, no loop over pulses."""
+    if not batches:
+        raise ValueError("concat_batches: empty list")
+    if len(batches) == 1:
+        return batches[0]
+    dom_shift = np.cumsum([0] + [b.n_doms for b in batches[:-1]])
+    pulse_shift = np.cumsum([0] + [b.n_pulses for b in batches[:-1]])
+    event_shift = np.cumsum([0] + [b.n_events for b in batches[:-1]])
+    with_targets = [b.targets is not None for b in batches]
+    if any(with_targets) and not all(with_targets):
+        raise ValueError("concat_batches: some batches have targets and some do not")
+    cu = [batches[0].cu_seqlens] + [b.cu_seqlens[1:] + int(s) for b, s in zip(batches[1:], pulse_shift[1:])]
+    cu_seqlens = torch.cat([c.to(torch.int64) for c in cu])
+    if int(cu_seqlens[-1]) > torch.iinfo(torch.int32).max:
+        raise ValueError("concat_batches: more pulses than int32 cu_seqlens can index")
+    return DomBatch(
+        pulse_features=torch.cat([b.pulse_features for b in batches]),
+        pulse_to_dom_idx=torch.cat([b.pulse_to_dom_idx + int(s) for b, s in zip(batches, dom_shift)]),
+        dom_pulse_counts=torch.cat([b.dom_pulse_counts for b in batches]),
+        cu_seqlens=cu_seqlens.to(torch.int32),
+        max_dom_pulses=max(b.max_dom_pulses for b in batches),
+        dom_to_event_idx=torch.cat([b.dom_to_event_idx + int(s) for b, s in zip(batches, event_shift)]),
+        dom_ids=torch.cat([b.dom_ids for b in batches]),
+        dom_positions=torch.cat([b.dom_positions for b in batches]),
+        event_dom_counts=torch.cat([b.event_dom_counts for b in batches]),
+        event_pulse_counts=torch.cat([b.event_pulse_counts for b in batches]),
+        event_ids=torch.cat([b.event_ids for b in batches]),
+        targets=torch.cat([b.targets for b in batches]) if all(with_targets) else None,
+    )
 
 
 def collate_events(events: Sequence[Mapping], sensor_xyz: np.ndarray | None = None) -> DomBatch:

@@ -65,11 +65,11 @@ def load_geometry(path: str | Path | None = None) -> np.ndarray:
 
 
 def write_geometry(path: str | Path, sensor_xyz: np.ndarray) -> Path:
-    """Write an (n, 3) geometry as the Kaggle ``sensor_id,x,y,z`` csv (6 significant digits)."""
+    """Write an (n, 3) geometry as the Kaggle ``sensor_id,x,y,z`` csv."""
     path = Path(path)
     xyz = np.asarray(sensor_xyz, dtype=np.float64)
     frame = pd.DataFrame({"sensor_id": np.arange(len(xyz)), "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]})
-    frame.to_csv(path, index=False, float_format="%.6g")
+    frame.to_csv(path, index=False)  # full float precision: a round trip gives the same array
     return path
 
 

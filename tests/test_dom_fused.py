@@ -107,3 +107,17 @@ def test_spec_refuses_cpu():
         spec.check("cpu", torch.float32, "forward")
     with pytest.raises(UnsupportedError, match="dom_fused"):
         spec.check("cuda", torch.float64, "forward")
+
+
+def test_auto_backend_matches_reference():
+    """auto picks dom_fused on CUDA and padded on CPU; either way it must agree with the reference."""
+    from iceaggr_lib.backends.auto import choose
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = batch_from_dom_sizes(icecube_like_sizes(200, seed=4, max_size=40)).to(device)
+    q, k, v = random_qkv(batch.n_pulses, 8, 16, device=device, seed=4)
+    out = dom_attention(q, k, v, batch, backend="auto", mode="forward_backward")
+    ref = dom_attention(q, k, v, batch, backend="reference")
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+    expected = "dom_fused" if device == "cuda" and dom_fused.HAVE_TRITON else "padded"
+    assert choose(device, torch.float32, 16) == expected
+    assert choose("cuda", torch.float64, 16) == "padded"

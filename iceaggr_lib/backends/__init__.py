@@ -70,6 +70,7 @@ _BACKEND_MODULES = {
     "flex_block": "iceaggr_lib.backends.flex_block",
     "varlen": "iceaggr_lib.backends.varlen",
     "dom_fused": "iceaggr_lib.backends.dom_fused",
+    "auto": "iceaggr_lib.backends.auto",
 }
 
 _cache: dict[str, BackendSpec] = {}

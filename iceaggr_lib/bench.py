@@ -19,9 +19,9 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
   GPU: CUDA events around each call, the L2 cache flushed before each (as triton.testing.do_bench
   does). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; quantiles over its blocks.
 * ``prep_ms``: ``prepare`` alone, timed the same way.
-* ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during one pass over the rotated batches,
-  minus what was allocated before it (the inputs): the memory the step itself needs. NaN on the CPU
-  (not measured there).
+* ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during the warm-up pass over the rotated
+  batches, minus what was allocated before it (the inputs): the memory the step itself needs. NaN on
+  the CPU (not measured there).
 * ``rel_err``: ||out - ref|| / ||ref|| of the first call's output against the float64 ``reference``
   backend on the same (dtype-rounded) inputs of the first batch; in ``forward_backward`` the worst
   of the output and the three gradients. A result over the tolerance of ``iceaggr_lib.testing``
@@ -31,8 +31,9 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
   skipped it: then ``message`` begins "skipped:") or ``error`` (with ``message``).
 
 Budgets keep a grid finite: a point gets ``repeats`` timed calls at most and fewer when its calls are
-slow (``time_budget_s``); once a (backend, dtype, heads, mode) series runs out of memory or its
-calls exceed ``max_call_ms``, its larger batch sizes are skipped; ``time_limit_s`` bounds the whole grid.
+slow (``time_budget_s``); once a (backend, dtype, heads, mode) series runs out of memory its larger batch
+sizes are skipped, and so is a batch size whose call time, extrapolated linearly in batch size from the
+series' previous point, exceeds ``max_call_ms``; ``time_limit_s`` bounds the whole grid.
 Rows are appended to the CSV and flushed as each point finishes, so a crash loses nothing.
 """
 
@@ -93,7 +94,7 @@ class BenchConfig:
     n_batches: int = 4  # different batches of consecutive events rotated per batch size
     time_budget_s: float = 1.0  # timing time per point; calls = clip(budget / call time, min_calls, repeats)
     min_calls: int = 3
-    max_call_ms: float = 2000.0  # a series whose calls are slower than this skips its larger batch sizes
+    max_call_ms: float = 1000.0  # skip a batch size whose call would take longer (linear extrapolation)
     time_limit_s: float | None = None  # the whole grid; points after it are rows "skipped"
     check: bool = True  # compare with the float64 reference
     seed: int = 0
@@ -322,8 +323,16 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
             rel = max(rel_err(o, r) for o, r in zip(holder["out"], ref))
     del holder
 
-    # warm-up: every rotated batch once (each new shape compiles here), the call time estimated
+    # warm-up: every rotated batch once (each new shape compiles here), the call time estimated and,
+    # on CUDA, the peak memory above what is resident (inputs, reference) measured over this pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     warm = [_wall_ms(step, device) for _ in range(len(inputs.batches))]
+    peak_mb = float("nan")
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     est_ms = min(warm)
     n_calls = int(np.clip(cfg.time_budget_s * 1e3 / max(est_ms, 1e-3), cfg.min_calls, cfg.repeats))
     frames_before = _dynamo_frames()
@@ -335,23 +344,11 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
     prep_step = _make_step(spec, inputs, mode, scale, dtype, only_prepare=True)
     prep_times = time_calls(prep_step, device, n_calls, est_ms, cfg.time_budget_s / 2)
 
-    peak_mb = float("nan")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(len(inputs.batches)):
-            step()
-        torch.cuda.synchronize(device)
-        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
     status = "ok"
     tol = TOLERANCE.get(dtype)
     if cfg.check and tol is not None and not rel <= tol and not math.isnan(rel):
         status = "error"
         notes.insert(0, f"wrong result: rel_err {rel:.3g} > tolerance {tol:g}")
-    if est_ms > cfg.max_call_ms:
-        notes.append(f"calls take {est_ms:.0f} ms > {cfg.max_call_ms:.0f} ms: larger batch sizes skipped")
     return dict(status=status, message="; ".join(notes), median_ms=float(np.median(times)),
                 p20_ms=float(np.quantile(times, 0.2)), p80_ms=float(np.quantile(times, 0.8)),
                 prep_ms=float(np.median(prep_times)), first_call_ms=first_call_ms, peak_mem_mb=peak_mb,
@@ -413,6 +410,7 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
     writer = CsvRows(csv_path, append=append)
     rows = []
     stopped: dict = {}  # (backend, dtype, heads, mode) -> reason its larger batch sizes are skipped
+    last_call: dict = {}  # (backend, dtype, heads, mode) -> (events, ms per call) of its last measured size
     batch_cache: dict = {}
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.n_points(), desc="benchmark grid", disable=not progress)
@@ -447,7 +445,7 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
                                            n_doms=int(round(np.mean([b.n_doms for b in inputs.batches]))),
                                            max_dom_pulses=max(b.max_dom_pulses for b in inputs.batches))
                             row.update(_measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped,
-                                                n_heads, t_start))
+                                                last_call, n_heads, t_start))
                             row.pop("_est_ms", None)
                             writer.write(row)
                             rows.append(row)
@@ -461,7 +459,7 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
-def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, n_heads, t_start) -> dict:
+def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, last_call, n_heads, t_start) -> dict:
     key = (backend, dtype, n_heads, mode)
     if load_error is not None:
         return dict(status="error", message=f"no data: {_one_line(load_error)}")
@@ -469,11 +467,17 @@ def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, n_h
         return dict(status="unsupported", message=f"skipped: the grid's time limit of {cfg.time_limit_s:g} s was reached")
     if key in stopped:
         return dict(status="unsupported", message=f"skipped: {stopped[key]}")
+    n_events = inputs.batches[0].n_events
+    if key in last_call:  # extrapolate the series' call time linearly in batch size
+        prev_events, prev_ms = last_call[key]
+        predicted = prev_ms * n_events / prev_events
+        if predicted > cfg.max_call_ms:
+            return dict(status="unsupported", message=(
+                f"skipped: a call would take about {predicted:.0f} ms (linear from {prev_ms:.0f} ms at "
+                f"{prev_events} events) > max_call_ms {cfg.max_call_ms:.0f}"))
     try:
         result = run_point(backend, inputs, mode, dtype, device, cfg)
-        if result["_est_ms"] > cfg.max_call_ms:
-            stopped[key] = (f"calls took {result['_est_ms']:.0f} ms > {cfg.max_call_ms:.0f} ms "
-                            f"at {inputs.batches[0].n_events} events")
+        last_call[key] = (n_events, result["_est_ms"])
         return result
     except UnsupportedError as e:
         return dict(status="unsupported", message=_one_line(e))
@@ -483,7 +487,7 @@ def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, n_h
         oom, message = _is_oom(e), _one_line(e)
     _free(device)  # outside the except block: the traceback and the frames it held are gone
     if oom:
-        stopped[key] = f"out of memory at {inputs.batches[0].n_events} events"
+        stopped[key] = f"out of memory at {n_events} events"
         return dict(status="oom", message=message)
     return dict(status="error", message=message)
 

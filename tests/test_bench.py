@@ -156,11 +156,13 @@ def test_slow_series_and_time_limit_are_skipped_rows(tmp_path, registry):
         return padded_attend(q, k, v, batch, prep, scale)
 
     registry(fake("slow", slow))
-    cfg = small_cfg(backends=["slow"], batch_sizes=[2, 4, 8], max_call_ms=10.0, min_calls=1, repeats=1, n_batches=1)
-    df = run_grid(source, cfg, tmp_path / "b.csv", progress=False).set_index("batch_size")
-    assert df.loc[2, "status"] == "ok" and "larger batch sizes skipped" in df.loc[2, "message"]
-    assert (df.loc[[4, 8], "status"] == "unsupported").all()
-    assert df.loc[4, "message"].startswith("skipped: calls took")
+    cfg = small_cfg(backends=["slow"], batch_sizes=[2, 4, 8], max_call_ms=50.0, min_calls=1, repeats=1,
+                    n_batches=1)
+    df = run_grid(source, cfg, tmp_path / "b.csv", progress=False).set_index(["backend", "batch_size"])
+    # 30 ms at 2 events: 4 events predicted ~60 ms > 50 ms, skipped, and 8 events too
+    assert df.loc[("slow", 2), "status"] == "ok" and df.loc[("slow", 2), "median_ms"] >= 30
+    assert (df.loc[[("slow", 4), ("slow", 8)], "status"] == "unsupported").all()
+    assert df.loc[("slow", 4), "message"].startswith("skipped: a call would take about")
 
     cfg = small_cfg(backends=["padded"], batch_sizes=[2, 4], time_limit_s=0.0)
     df = run_grid(source, cfg, tmp_path / "c.csv", progress=False)

@@ -42,7 +42,7 @@ measures it). ``concat_batches`` joins DomBatches of consecutive ranges (e.g. ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -123,9 +123,10 @@ class PulseTable:
     """Pulses of many events sorted by (event, sensor, time), DOM boundaries precomputed.
 
     A whole Kaggle batch file is loaded into one of these once; ``batch(e0, e1)`` then slices out
-    consecutive events. Offsets are int64 row indices into the pulse columns. ``pulse_features`` is
-    the (N, 6) float32 feature matrix of all pulses, computed once (by ``from_pulses``, or on the
-    first ``batch`` call for a table built field by field).
+    consecutive events. Offsets are int64 row indices into the pulse columns. ``pulse_features`` (the
+    (N, 6) float32 feature matrix) and the per-pulse DOM index, per-DOM event index and DOM positions
+    are computed once (by ``from_pulses``, or on the first ``batch`` call for a table built field by
+    field), so that a batch is contiguous row copies minus offsets.
     """
 
     event_ids: np.ndarray  # (E,) int64
@@ -140,6 +141,10 @@ class PulseTable:
     sensor_xyz: np.ndarray  # (n_sensors, 3) float64, geometry indexed by sensor id
     targets: np.ndarray | None = None  # (E, 2) float64 azimuth, zenith
     pulse_features: np.ndarray | None = None  # (N, N_PULSE_FEATURES) float32, see the module doc
+    # Precomputed once (from_pulses, or the first batch call) so that batch() only slices:
+    pulse_dom_index: np.ndarray | None = field(default=None, repr=False)  # (N,) int32, table-wide DOM of each pulse
+    dom_event_index: np.ndarray | None = field(default=None, repr=False)  # (D,) int32, table-wide event of each DOM
+    dom_positions: np.ndarray | None = field(default=None, repr=False)  # (D, 3) float32, metres
 
     @property
     def n_events(self) -> int:
@@ -203,7 +208,7 @@ class PulseTable:
             raise ValueError(f"PulseTable.from_pulses: event {event_ids[empty[0]]} has no pulses "
                              f"({len(empty)} empty event(s) in all)")
         event_dom_offsets = np.searchsorted(dom_starts, event_pulse_offsets, side="left").astype(np.int64)
-        return cls(
+        table = cls(
             event_ids=event_ids,
             event_pulse_offsets=event_pulse_offsets,
             event_dom_offsets=event_dom_offsets,
@@ -215,35 +220,49 @@ class PulseTable:
             auxiliary=aux_sorted,
             sensor_xyz=sensor_xyz,
             targets=None if targets is None else np.asarray(targets, dtype=np.float64),
-            pulse_features=pulse_features_from_columns(sensor_xyz[sensor_sorted], time_sorted, charge_sorted,
-                                                       aux_sorted),
         )
+        table.precompute()
+        return table
+
+    def precompute(self) -> None:
+        """Compute the feature matrix and the per-pulse / per-DOM indices that ``batch`` slices (once)."""
+        if self.pulse_features is None:
+            self.pulse_features = pulse_features_from_columns(np.take(self.sensor_xyz, self.sensor_id, axis=0),
+                                                              self.time, self.charge, self.auxiliary)
+        if self.pulse_dom_index is None:
+            self.pulse_dom_index = np.repeat(np.arange(self.n_doms, dtype=np.int32), np.diff(self.dom_pulse_offsets))
+        if self.dom_event_index is None:
+            self.dom_event_index = np.repeat(np.arange(self.n_events, dtype=np.int32), np.diff(self.event_dom_offsets))
+        if self.dom_positions is None:
+            self.dom_positions = np.take(self.sensor_xyz.astype(np.float32), self.dom_sensor_ids, axis=0)
 
     def batch(self, e0: int, e1: int) -> DomBatch:
-        """The DomBatch of consecutive events ``e0 .. e1-1``: a row copy plus offset arithmetic."""
+        """The DomBatch of consecutive events ``e0 .. e1-1``: contiguous row copies minus offsets."""
         if not 0 <= e0 < e1 <= self.n_events:
             raise IndexError(f"event range [{e0}, {e1}) is outside this table of {self.n_events} events")
-        if self.pulse_features is None:
-            self.pulse_features = pulse_features_from_columns(self.sensor_xyz[self.sensor_id], self.time,
-                                                              self.charge, self.auxiliary)
+        if self.pulse_dom_index is None or self.dom_event_index is None or self.dom_positions is None \
+                or self.pulse_features is None:
+            self.precompute()
         p0, p1 = int(self.event_pulse_offsets[e0]), int(self.event_pulse_offsets[e1])
         d0, d1 = int(self.event_dom_offsets[e0]), int(self.event_dom_offsets[e1])
         cu = self.dom_pulse_offsets[d0:d1 + 1] - p0
-        dom_pulse_counts = np.diff(cu)
-        n_doms = d1 - d0
-        event_dom_counts = np.diff(self.event_dom_offsets[e0:e1 + 1])
-        dom_ids = self.dom_sensor_ids[d0:d1]
+        # x[1:] - x[:-1] rather than np.diff, and ufunc.reduce rather than .max(): same result, less call
+        # overhead, which is what dominates a batch of a few events
+        dom_pulse_counts = cu[1:] - cu[:-1]
+        event_doms = self.event_dom_offsets[e0:e1 + 1]
+        event_pulses = self.event_pulse_offsets[e0:e1 + 1]
+        # every array is a copy: batches never alias (or pin) the table
         return DomBatch(
-            pulse_features=torch.from_numpy(self.pulse_features[p0:p1].copy()),  # a copy: batches never alias the table
-            pulse_to_dom_idx=torch.from_numpy(np.repeat(np.arange(n_doms, dtype=np.int64), dom_pulse_counts)),
+            pulse_features=torch.from_numpy(self.pulse_features[p0:p1].copy()),
+            pulse_to_dom_idx=torch.from_numpy(np.subtract(self.pulse_dom_index[p0:p1], d0, dtype=np.int64)),
             dom_pulse_counts=torch.from_numpy(dom_pulse_counts),
             cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
-            max_dom_pulses=int(dom_pulse_counts.max()) if n_doms else 0,
-            dom_to_event_idx=torch.from_numpy(np.repeat(np.arange(e1 - e0, dtype=np.int64), event_dom_counts)),
-            dom_ids=torch.from_numpy(dom_ids.astype(np.int64, copy=True)),
-            dom_positions=torch.from_numpy(self.sensor_xyz[dom_ids].astype(np.float32)),
-            event_dom_counts=torch.from_numpy(event_dom_counts),
-            event_pulse_counts=torch.from_numpy(np.diff(self.event_pulse_offsets[e0:e1 + 1])),
+            max_dom_pulses=int(np.maximum.reduce(dom_pulse_counts)) if d1 > d0 else 0,
+            dom_to_event_idx=torch.from_numpy(np.subtract(self.dom_event_index[d0:d1], e0, dtype=np.int64)),
+            dom_ids=torch.from_numpy(self.dom_sensor_ids[d0:d1].astype(np.int64, copy=True)),
+            dom_positions=torch.from_numpy(self.dom_positions[d0:d1].copy()),
+            event_dom_counts=torch.from_numpy(event_doms[1:] - event_doms[:-1]),
+            event_pulse_counts=torch.from_numpy(event_pulses[1:] - event_pulses[:-1]),
             event_ids=torch.from_numpy(self.event_ids[e0:e1].copy()),
             targets=None if self.targets is None else torch.from_numpy(self.targets[e0:e1].astype(np.float32)),
         )
@@ -269,6 +288,8 @@ class PulseTable:
             auxiliary=self.auxiliary[p0:p1], sensor_xyz=self.sensor_xyz,
             targets=None if self.targets is None else self.targets[e0:e1],
             pulse_features=None if self.pulse_features is None else self.pulse_features[p0:p1],
+            dom_positions=None if self.dom_positions is None else self.dom_positions[d0:d1],
+            # the index arrays are rebuilt for the sub-table (they count from its first DOM / event)
         )
 
 

@@ -9,9 +9,12 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
 
-## make test: unit tests and the notebooks under nbval (CI runs this)
+## make test: unit tests and the notebooks under nbval (CI runs this). nbval runs each notebook with its
+## stored (tiny) parameters on data/sample, which notebooks/conftest.py generates if absent; a failing
+## cell fails the test item named after the notebook and cell.
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest tests notebooks $(NBVAL)
 
 ## make report: generate the embedded sample if absent, run the notebooks with papermill into reports/latest/
 report: setup

@@ -73,15 +73,17 @@ def numeric_settings() -> dict:
     }
 
 
-def measure_copy_bandwidth(device: str | torch.device, n_bytes: int | None = None, repeats: int = 10) -> float:
+def measure_copy_bandwidth(device: str | torch.device, n_bytes: int | None = None, repeats: int | None = None) -> float:
     """Device memory bandwidth in bytes/s from a large tensor copy (bytes read + bytes written).
 
-    On CUDA: a 1 GiB (default) device-to-device ``copy_`` timed with CUDA events, median of
-    ``repeats`` after two warm-ups; on the CPU: a 256 MiB copy timed with a host clock.
+    On CUDA: a 1 GiB (default) device-to-device ``copy_`` timed with CUDA events, median of 10
+    after two warm-ups; on the CPU: a 128 MiB copy timed with a host clock, median of 5.
     """
     device = torch.device(device)
     if n_bytes is None:
-        n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+        n_bytes = (1 << 30) if device.type == "cuda" else (128 << 20)
+    if repeats is None:
+        repeats = 10 if device.type == "cuda" else 5
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     times = []
@@ -133,7 +135,7 @@ def collect(device: str | torch.device = "auto", measure_bandwidth: bool = True,
         info["copy_bandwidth_gbps"] = round(bw / 1e9, 1)
         info["copy_bandwidth_method"] = ("device-to-device copy_ of 1 GiB, CUDA events, median of 10, bytes read + written"
                                          if device.type == "cuda" else
-                                         "host copy_ of 256 MiB, perf_counter, median of 10, bytes read + written")
+                                         "host copy_ of 128 MiB, perf_counter, median of 5, bytes read + written")
     if extra:
         info.update(extra)
     return info

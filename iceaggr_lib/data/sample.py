@@ -142,11 +142,14 @@ def _chunk(rng: np.random.Generator, n: int, xyz: np.ndarray, segments: "_Segmen
 
     # Coarse cull on string segments (a few neighbouring modules each; triangle inequality), then the
     # exact distance for the modules of the surviving segments only.
-    seg_rel = segments.centre[None, :, :] - point[:, None, :]  # (n, n_segments, 3)
-    seg_s = np.einsum("ijk,ik->ij", seg_rel, direction)
-    seg_r_sq = np.einsum("ijk,ijk->ij", seg_rel, seg_rel)
-    seg_d = np.sqrt(np.maximum(np.where(is_track[:, None], seg_r_sq - seg_s * seg_s, seg_r_sq), 0.0))
-    ev_seg, seg = np.nonzero(seg_d < d_max[:, None] + segments.radius[None, :])
+    # (events x segments) through two small matrix products: |c - p|^2 = |c|^2 - 2 c.p + |p|^2, s = (c - p).dir
+    centre = segments.centre
+    seg_r_sq = (np.einsum("ij,ij->i", centre, centre)[None, :] - 2.0 * (point @ centre.T)
+                + np.einsum("ij,ij->i", point, point)[:, None])
+    seg_s = direction @ centre.T - np.einsum("ij,ij->i", point, direction)[:, None]
+    np.subtract(seg_r_sq, np.where(is_track[:, None], seg_s * seg_s, 0.0), out=seg_r_sq)
+    reach = d_max[:, None] + segments.radius[None, :]
+    ev_seg, seg = np.nonzero(seg_r_sq < reach * reach)
     per_seg = segments.count[seg]
     ev = np.repeat(ev_seg, per_seg)
     mod = np.repeat(segments.start[seg] - (np.cumsum(per_seg) - per_seg), per_seg) + np.arange(int(per_seg.sum()))
@@ -227,7 +230,8 @@ def _chunk(rng: np.random.Generator, n: int, xyz: np.ndarray, segments: "_Segmen
     triggered = np.bincount(dom_key[hlc] // m, minlength=n) >= cfg.trigger_hlc_doms
     keep = triggered[event]
     event, sensor, time, charge, auxiliary = event[keep], sensor[keep], time[keep], charge[keep], auxiliary[keep]
-    order = np.lexsort((time, event))
+    time = np.maximum(time, 0)  # (a pulse before t = 0 would need a negative Kaggle time; none is that early)
+    order = np.argsort(event * np.int64(1 << 32) + time, kind="stable")
     counts = np.bincount(event, minlength=n)[triggered]
     return (counts, sensor[order], time[order], charge[order], auxiliary[order], azimuth[triggered], zenith[triggered])
 

@@ -35,8 +35,8 @@ Two ways in
 * ``collate_events(events)`` takes any list of event records (dicts, as a ``torch.utils.data``
   Dataset yields them) and does the sort itself, vectorised.
 
-Speed: ``PulseTable`` computes the float32 feature matrix once, when it is built, so ``batch`` is a
-copy of contiguous rows plus per-DOM offset arithmetic (``python -m iceaggr_lib.collate_bench``
+Speed: ``PulseTable`` computes the float32 feature matrix (and per-DOM indices) once, before its
+first batch, so ``batch`` is a copy of contiguous rows plus offset arithmetic (``python -m iceaggr_lib.collate_bench``
 measures it). ``concat_batches`` joins DomBatches of consecutive ranges (e.g. across two files).
 """
 
@@ -125,8 +125,8 @@ class PulseTable:
     A whole Kaggle batch file is loaded into one of these once; ``batch(e0, e1)`` then slices out
     consecutive events. Offsets are int64 row indices into the pulse columns. ``pulse_features`` (the
     (N, 6) float32 feature matrix) and the per-pulse DOM index, per-DOM event index and DOM positions
-    are computed once (by ``from_pulses``, or on the first ``batch`` call for a table built field by
-    field), so that a batch is contiguous row copies minus offsets.
+    are computed once, by ``precompute()`` - on the first ``batch`` call, so a table only streamed for
+    statistics never pays for them - and a batch is then contiguous row copies minus offsets.
     """
 
     event_ids: np.ndarray  # (E,) int64
@@ -208,7 +208,7 @@ class PulseTable:
             raise ValueError(f"PulseTable.from_pulses: event {event_ids[empty[0]]} has no pulses "
                              f"({len(empty)} empty event(s) in all)")
         event_dom_offsets = np.searchsorted(dom_starts, event_pulse_offsets, side="left").astype(np.int64)
-        table = cls(
+        return cls(
             event_ids=event_ids,
             event_pulse_offsets=event_pulse_offsets,
             event_dom_offsets=event_dom_offsets,
@@ -221,8 +221,6 @@ class PulseTable:
             sensor_xyz=sensor_xyz,
             targets=None if targets is None else np.asarray(targets, dtype=np.float64),
         )
-        table.precompute()
-        return table
 
     def precompute(self) -> None:
         """Compute the feature matrix and the per-pulse / per-DOM indices that ``batch`` slices (once)."""

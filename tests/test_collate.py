@@ -121,6 +121,7 @@ def test_sort_paths_agree(raw):
 
 
 def canonical_rows(table):
+    table.precompute()
     f = table.pulse_features
     dom = np.repeat(np.arange(table.n_doms), np.diff(table.dom_pulse_offsets))
     return f[np.lexsort((f[:, 5], f[:, 4], f[:, 3], dom))]
@@ -186,6 +187,8 @@ def test_concat_and_slice_agree_with_one_batch(raw):
 def test_batch_does_not_alias_the_table(raw):
     g, _ = raw
     table = PulseTable.from_pulses(g.event_index, g.event_ids, g.sensor_id, g.time, g.charge, g.auxiliary, XYZ)
+    assert table.pulse_features is None  # computed on the first batch, not at load
+    table.batch(0, 1)
     before = table.pulse_features[: table.event_pulse_offsets[3]].copy()
     b = table.batch(0, 3)
     b.pulse_features.zero_()

@@ -1,12 +1,14 @@
 """The embedded sample: a physics-flavoured, calibrated generator of IceCube-like events.
 
 No real data ships with the workbook, so it makes its own in the exact Kaggle layout. The generator
-is a toy, but each step is the physical one, vectorised over (events x modules) in chunks:
+is a toy, but each step is the physical one, vectorised over chunks of events (events x string
+segments for a coarse cut, then the (event, module) pairs within reach; no loop over pulses):
 
 1. **Event**: a through-going muon track (``track_fraction``) or a point-like cascade. Arrival
    direction isotropic (azimuth uniform, cos zenith uniform); the particle travels opposite to the
-   direction it comes from. Tracks cross a disk of radius ``generation_radius_m`` centred on the
-   detector, perpendicular to the track; cascade vertices fill a cylinder of that radius.
+   direction it comes from. Tracks cross a disk centred on the detector, perpendicular to the track,
+   of radius the detector's horizontal radius plus ``generation_margin_m``; cascade vertices fill a
+   cylinder of that radius and the detector's height plus the margin.
 2. **Brightness**: an energy-like factor from a power law ``B^-spectral_index`` above 1 (capped at
    ``max_brightness``), a soft component plus a ``hard_fraction`` of events on a harder power law
    (think atmospheric plus astrophysical): the heavy tail is what makes the event-size tail.
@@ -15,8 +17,9 @@ is a toy, but each step is the physical one, vectorised over (events x modules) 
    cascade vertex (spherical spreading), ``L`` the effective attenuation length, ``d`` floored at
    ``min_distance_m``.
 4. **Photons**: Poisson counts per module with that mean.
-5. **Pulses**: photons that arrive close together merge into one pulse; each extra photon is a
-   separate pulse with probability ``p_separate``, and the pulse count saturates at about
+5. **Pulses**: photons that arrive close together merge into one pulse; in a DOM with n photons each
+   extra photon is a separate pulse with probability ``p_separate * n / (n + merge_photons)`` (a busy
+   DOM's light spreads over a longer time), and the pulse count saturates at about
    ``saturation_pulses`` (the digitiser's limit: real DOMs top out at a few hundred pulses).
 6. **Times**: direct Cherenkov arrival time (track: ``t0 + (s - d / tan(theta_c)) / c + d n / (c sin(theta_c))``,
    cascade: ``t0 + r n / c``) plus a gamma-distributed scattering delay growing with distance; later
@@ -28,6 +31,9 @@ is a toy, but each step is the physical one, vectorised over (events x modules) 
 9. **Auxiliary flag**: ``True`` for pulses of a DOM without a hit neighbour (+-1 or +-2 modules on
    its string) in the same event - the "not part of a local coincidence" meaning of Kaggle's flag;
    isolated noise hits come out auxiliary, dense track light mostly not.
+10. **Trigger**: like IceCube's simple-majority trigger, an event is recorded only with at least
+   ``trigger_hlc_doms`` DOMs in local coincidence; candidates are drawn in chunks until ``n_events``
+   pass (about 40 % do).
 
 Everything depends only on ``seed`` (chunks use ``default_rng([seed, chunk])``), so a data set is
 reproducible. The defaults are calibrated so that 20,000 events land near the statistics of a real
@@ -134,8 +140,8 @@ def _chunk(rng: np.random.Generator, n: int, xyz: np.ndarray, segments: "_Segmen
                                 rng.uniform(-half_height, half_height, n)], axis=1)
     point = np.where(is_track[:, None], track_point, vertex)
 
-    # Expected photons fall below `min_expected_photons` beyond a distance d_max (per event), so the
-    # dense (events x modules) work is only a squared-distance test; light is computed for the pairs inside.
+    # Expected photons fall below `min_expected_photons` beyond a distance d_max (per event): only the
+    # (event, module) pairs within d_max get their light computed.
     yield_ = np.where(is_track, cfg.track_yield, cfg.cascade_yield) * brightness
     power = np.where(is_track, 1.0, 2.0)
     d_max = _light_radius(yield_, power, cfg)

@@ -43,7 +43,12 @@ def save(fig, out_dir: str | Path, name: str, dpi: int = 120) -> Path:
 
 
 def hist_log(values, title: str, xlabel: str, integer: bool = True, log_y: bool = True, ax=None):
-    """Histogram on log-spaced bins (integer-aligned for counts), log x, optionally log y."""
+    """Histogram for heavy tails: log-spaced bins, log x, optionally log y.
+
+    Counts (``integer``): bins hold whole numbers (edges at k + 0.5) and the height is the count per
+    integer value in the bin, so the first bins (one value each) and the wide tail bins compare
+    fairly. Continuous values: equal bins in log x, the height is the count in the bin.
+    """
     values = np.asarray(values, dtype=np.float64)
     fig = None
     if ax is None:
@@ -51,14 +56,19 @@ def hist_log(values, title: str, xlabel: str, integer: bool = True, log_y: bool 
     positive = values[values > 0]
     if len(positive) == 0:
         ax.text(0.5, 0.5, "no positive values", ha="center", transform=ax.transAxes)
+        ylabel = "count"
     else:
         lo, hi = positive.min(), positive.max()
         if integer:
             edges = np.unique(np.floor(np.geomspace(max(lo, 1), hi + 1, 60))) - 0.5
             edges = np.append(edges, hi + 0.5) if edges[-1] < hi + 0.5 else edges
+            counts = np.histogram(positive, bins=edges)[0] / np.diff(edges)
+            ylabel = "count per integer value"
         else:
             edges = np.geomspace(lo, hi * 1.0001, 60) if hi > lo else np.array([lo * 0.9, hi * 1.1])
-        ax.hist(positive, bins=edges, color="#1f77b4", alpha=0.85)
+            counts = np.histogram(positive, bins=edges)[0].astype(np.float64)
+            ylabel = "count per log bin"
+        ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.85)
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
@@ -67,7 +77,7 @@ def hist_log(values, title: str, xlabel: str, integer: bool = True, log_y: bool 
         ax.legend(loc="upper right")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     return fig if fig is not None else ax.figure
 

@@ -1,5 +1,6 @@
 """KaggleDataset: the generated Kaggle layout read back, the test split, other geometries, and every bad-input error."""
 
+import pickle
 import shutil
 
 import numpy as np
@@ -66,6 +67,14 @@ def test_event_dicts_work_with_a_dataloader(data_dir, table):
         assert_same_batch(batch, ds.batch(40 * k, batch.n_events))
         if k == 5:
             break
+
+
+def test_pickles_without_its_cache(data_dir):
+    ds = KaggleDataset(data_dir)
+    ds.batch(0, 10)
+    clone = pickle.loads(pickle.dumps(ds))  # as DataLoader workers receive it
+    assert len(pickle.dumps(ds)) < 200_000 and not clone._cache
+    assert_same_batch(clone.batch(0, 10), ds.batch(0, 10))
 
 
 def test_cache_and_streaming_tables(data_dir):
@@ -175,7 +184,15 @@ def test_meta_range_outside_the_file(small):
 
 def test_meta_not_matching_the_file(small):
     rewrite(small / "train_meta.parquet", lambda f: f.assign(event_id=f["event_id"] + 1))
-    expect(small, r"batch_1\.parquet: rows 0\.\.\d+ belong to event_id \d+, but the meta says event")
+    expect(small, r"batch_1\.parquet: rows 0\.\.\d+ should hold event \d+ \(meta train_meta\.parquet\), but row 0 has event_id \d+")
+
+
+def test_one_row_of_another_event_inside_a_range(small):
+    def move_row(f):
+        f.loc[5, "event_id"] = f.loc[5, "event_id"] + 1  # the 6th pulse claims to be in another event
+        return f
+    rewrite(small / "train" / "batch_1.parquet", move_row)
+    expect(small, r"batch_1\.parquet: rows 0\.\.\d+ should hold event \d+ .*but row 5 has event_id \d+ \(1 mismatched row")
 
 
 def test_event_without_pulses(small):

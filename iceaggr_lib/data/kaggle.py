@@ -72,7 +72,10 @@ def _read_columns(path: Path, columns: tuple[str, ...], filters=None) -> pa.Tabl
         check, expected = _TYPE_CHECKS[column]
         if not check(schema.field(column).type):
             raise DataFormatError(f"{path}: column {column!r} has type {schema.field(column).type}, expected {expected}")
-    table = pq.read_table(path, columns=list(columns), filters=filters)
+    try:
+        table = pq.read_table(path, columns=list(columns), filters=filters)
+    except Exception as err:
+        raise DataFormatError(f"{path}: cannot read columns {list(columns)}: {err}") from err
     for column in columns:
         if table.column(column).null_count:
             raise DataFormatError(f"{path}: column {column!r} has {table.column(column).null_count} null values")
@@ -167,6 +170,12 @@ class KaggleDataset:
     def __len__(self) -> int:
         return self.n_events
 
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. into DataLoader workers) without the cached tables; each worker loads its own."""
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()
+        return state
+
     # ---- batch files ------------------------------------------------------------------------------------
     def table(self, batch_id: int) -> PulseTable:
         """The sorted PulseTable of one batch file (all its events in the meta), LRU-cached."""
@@ -198,16 +207,19 @@ class KaggleDataset:
         if len(first) > 1 and (first[1:] <= last[:-1]).any():
             i = int(np.flatnonzero(first[1:] <= last[:-1])[0])
             raise DataFormatError(f"{path}: meta pulse ranges of events {event_ids[i]} and {event_ids[i + 1]} overlap")
-        file_event = pulses.column("event_id").to_numpy()
-        bad = np.flatnonzero((file_event[first] != event_ids) | (file_event[last] != event_ids))
-        if len(bad):
-            i = bad[0]
-            raise DataFormatError(f"{path}: rows {first[i]}..{last[i]} belong to event_id {file_event[first[i]]}, "
-                                  f"but the meta says event {event_ids[i]} ({len(bad)} mismatched event(s))")
-
         counts = last - first + 1
         contiguous = first[0] == 0 and last[-1] == n_rows - 1 and np.all(first[1:] == last[:-1] + 1)
         rows = None if contiguous else np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        # every row of an event's range must carry that event's id in the file's event_id column
+        file_event = pulses.column("event_id").to_numpy()
+        file_event = file_event if rows is None else file_event[rows]
+        wrong = file_event != np.repeat(event_ids, counts)
+        if wrong.any():
+            j = int(np.flatnonzero(wrong)[0])
+            i = int(np.searchsorted(np.cumsum(counts), j, side="right"))
+            raise DataFormatError(f"{path}: rows {first[i]}..{last[i]} should hold event {event_ids[i]} (meta "
+                                  f"{self.meta_path.name}), but row {first[i] + j - (np.cumsum(counts)[i] - counts[i])} "
+                                  f"has event_id {file_event[j]} ({int(wrong.sum())} mismatched row(s))")
         column = (lambda name, dtype: _np(pulses, name, dtype)) if rows is None else \
             (lambda name, dtype: _np(pulses, name, dtype)[rows])
         sensor_id = column("sensor_id", np.int64)

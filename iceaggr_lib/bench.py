@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bar: also in notebooks, without ipywidgets
 
 from iceaggr_lib.backends import MODES, UnsupportedError, get_backend
 from iceaggr_lib.collate import DomBatch, PulseTable
@@ -413,7 +413,8 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
     last_call: dict = {}  # (backend, dtype, heads, mode) -> (events, ms per call) of its last measured size
     batch_cache: dict = {}
     t_start = time.perf_counter()
-    bar = tqdm(total=cfg.n_points(), desc="benchmark grid", disable=not progress)
+    # mininterval: an executed notebook stores every refresh of the bar, so refresh rarely
+    bar = tqdm(total=cfg.n_points(), desc="benchmark grid", disable=not progress, mininterval=5.0)
     try:
         for dtype_str in cfg.dtypes:
             dtype = parse_dtype(dtype_str)
@@ -433,7 +434,8 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
                         load_error = e
                     for mode in cfg.modes:
                         for backend in cfg.backends:
-                            bar.set_postfix_str(f"{backend} {dtype_name(dtype)} h{n_heads} b{batch_size} {mode}")
+                            bar.set_postfix_str(f"{backend} {dtype_name(dtype)} h{n_heads} b{batch_size} {mode}",
+                                                refresh=False)
                             row = dict(backend=backend, dtype=dtype_name(dtype), mode=mode, n_heads=n_heads,
                                        head_dim=head_dim, batch_size=batch_size, device=str(device),
                                        torch_version=torch.__version__, median_ms=float("nan"),

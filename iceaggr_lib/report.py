@@ -38,6 +38,7 @@ CPU_GRID = dict(
     d_model=128,
     repeats=10,
     time_limit_s=None,
+    max_call_ms=1000.0,
 )
 
 # The GPU grid: every registered backend except the float64 reference (which checks the others).
@@ -50,6 +51,7 @@ GPU_GRID = dict(
     d_model=128,
     repeats=20,
     time_limit_s=None,
+    max_call_ms=300.0,  # the loop baseline and O(N^2) flex_dense stop early instead of taking minutes
 )
 
 
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", help="override the grid's modes")
     p.add_argument("--repeats", type=int, help="override the grid's timed calls per point")
     p.add_argument("--time-limit-s", type=float, help="bound the benchmark grid; later points become 'skipped' rows")
+    p.add_argument("--max-call-ms", type=float, help="skip batch sizes whose extrapolated call time exceeds this")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     p.add_argument("--no-html", action="store_true")
     args = p.parse_args(argv)
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir).resolve() if args.data_dir else ensure_sample(DEFAULT_SAMPLE, args.events, args.seed)
     grid = default_grid(args.grid)
-    for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s"):
+    for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s", "max_call_ms"):
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
     params = {

@@ -2,7 +2,7 @@
 # Run the workbook on the lent GPU machine (the device tool's `run`) and bring the report back.
 #
 #   device run, carry [".whl"], command:
-#     bash scripts/device_report.sh                 # the full GPU grid (see iceaggr_lib/report.py)
+#     bash scripts/device_report.sh                 # the GPU grid (iceaggr_lib/report.py), bounded to 390 s
 #     bash scripts/device_report.sh --batch-sizes 4 1024 --repeats 5 --time-limit-s 60   # a smoke run
 #
 # .whl holds the notebook stack as wheels (papermill, ipykernel, nbconvert, nbval, ...):
@@ -20,15 +20,23 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 REPORT_DIR=${REPORT_DIR:-reports/h100}
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  || { echo "device_report: installing the wheels from .whl failed (was .whl carried?)"; exit 2; }
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter
+if python3 -c "import papermill, nbconvert, ipykernel" 2>/dev/null; then
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the notebook stack is already there
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    || { echo "device_report: installing the wheels from .whl failed (was .whl carried?)"; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter
+fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-python3 -m iceaggr_lib.report --out "$REPORT_DIR" --kernel python3 "$@" 2>&1 | tee "$OUT/report.log"
+# One device command may run 10 minutes: unless the caller bounds the grid, stop starting new grid points
+# after GRID_LIMIT_S seconds (later points become rows "skipped: ... time limit"), leaving time for the
+# start, the sample, notebooks 01 and 03, the HTML and the tarball.
+case " $* " in *" --time-limit-s "*) LIMIT=() ;; *) LIMIT=(--time-limit-s "${GRID_LIMIT_S:-390}") ;; esac
+python3 -m iceaggr_lib.report --out "$REPORT_DIR" --kernel python3 "${LIMIT[@]}" "$@" 2>&1 | tee "$OUT/report.log"
 status=${PIPESTATUS[0]}
 
 tar czf "$OUT/h100_report.tar.gz" -C "$(dirname "$REPORT_DIR")" "$(basename "$REPORT_DIR")"

@@ -27,6 +27,9 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
   of the output and the three gradients. A result over the tolerance of ``iceaggr_lib.testing``
   makes the row ``error`` ("wrong result"), its timings kept.
 * ``n_pulses``, ``n_doms``: means over the rotated batches; ``max_dom_pulses``: their maximum.
+* ``message``: why a row is not ok, and warnings worth reading beside an ok row: dynamo compiling
+  inside the timed calls, and any RuntimeWarning a backend raised (how silent fallbacks, such as
+  compiled FlexAttention running eager past the recompile limit, make themselves visible).
 * ``status``: ``ok``, ``oom``, ``unsupported`` (the backend refuses the combination, or the grid
   skipped it: then ``message`` begins "skipped:") or ``error`` (with ``message``).
 
@@ -44,6 +47,7 @@ import gc
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -478,7 +482,14 @@ def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, las
                 f"skipped: a call would take about {predicted:.0f} ms (linear from {prev_ms:.0f} ms at "
                 f"{prev_events} events) > max_call_ms {cfg.max_call_ms:.0f}"))
     try:
-        result = run_point(backend, inputs, mode, dtype, device, cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            result = run_point(backend, inputs, mode, dtype, device, cfg)
+        # RuntimeWarnings are how backends report silent fallbacks (e.g. compiled flex running eager)
+        seen = dict.fromkeys(" ".join(str(w.message).split())[:200] for w in caught
+                             if issubclass(w.category, RuntimeWarning))
+        if seen:
+            result["message"] = "; ".join(filter(None, [result["message"], *(f"warning: {m}" for m in seen)]))
         last_call[key] = (n_events, result["_est_ms"])
         return result
     except UnsupportedError as e:

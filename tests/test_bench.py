@@ -114,6 +114,19 @@ def test_wrong_result_becomes_error_row_with_timings(tmp_path, registry):
     assert df.set_index("backend").loc["padded", "status"] == "ok"
 
 
+def test_runtime_warnings_reach_the_message(tmp_path, registry):
+    import warnings
+
+    def fallback(q, k, v, batch, prep, scale):
+        warnings.warn("compiled FlexAttention ran EAGER", RuntimeWarning)
+        return padded_attend(q, k, v, batch, prep, scale)
+
+    registry(fake("fallback", fallback))
+    df = run_grid(source, small_cfg(backends=["fallback"]), tmp_path / "b.csv", progress=False)
+    assert df["status"].iloc[0] == "ok"
+    assert df["message"].iloc[0] == "warning: compiled FlexAttention ran EAGER"
+
+
 def test_failures_become_rows_and_the_grid_goes_on(tmp_path, registry):
     def boom(q, k, v, batch, prep, scale):
         raise RuntimeError("kernel exploded\nsecond line")

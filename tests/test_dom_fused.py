@@ -59,7 +59,7 @@ def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
 # Small tiles (T = 8, 16) make small test batches exercise every path: packed tiles of each level,
 # windows with nothing to do, and the flash loop of DOMs above the last level.
 @needs_kernel
-@pytest.mark.parametrize("levels", [(8,), (8, 16)])
+@pytest.mark.parametrize("levels", [(8,), (8, 16), (8, 8)])
 @pytest.mark.parametrize("sizes", [
     [1, 1, 2, 3, 1, 5, 1, 1, 4, 1, 2, 2, 7, 1, 8, 9],
     [3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1],
@@ -68,7 +68,7 @@ def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
     [17, 1, 16, 33, 2, 8, 9],
 ], ids=["mixed", "with_large", "ones", "one50", "edges"])
 def test_small_tiles_fp32(sizes, levels):
-    check_against_reference(sizes, 2, 16, torch.float32, levels=levels, block=16, num_warps=4)
+    check_against_reference(sizes, 2, 16, torch.float32, levels=levels, bwd_levels=levels, block=16)
 
 
 @needs_kernel

@@ -53,37 +53,46 @@ LOG2E = 1.4426950408889634
 
 
 def _default_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Launch plan: ``levels`` = the tile sizes T of successive launches (DOMs with prev_T < n <= T go to
-    the launch of tile T; DOMs above the last T to its flash loop of ``block`` rows), warps per level,
-    and the fp32 dot precision."""
-    if dtype == torch.float32:
-        return dict(levels=(16, 64), num_warps=(4, 4), block=32, precision="ieee")
-    return dict(levels=(16, 64), num_warps=(4, 4), block=64, precision="ieee")
+    """Launch plan (one launch each way). ``levels`` = (T_small, T_big) or (T,): DOMs of n <= T_small go to
+    packed tiles of 2*T_small rows, T_small < n <= T_big to tiles of 2*T_big rows, n > T_big to the flash
+    loop of ``block``-row blocks. ``bwd_levels`` the same for the backward (its tiles hold more live
+    arrays, so it prefers small tiles and the flash loop above them). ``precision``: fp32 dots."""
+    if dtype == torch.float32:  # fp32 "ieee" dots run on FMA units: keep the tiles small
+        return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=32, precision="ieee")
+    return dict(levels=(16, 64), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=64, precision="ieee")
 
 
-def _resolve(dtype, head_dim, levels=None, num_warps=None, block=None, precision=None, tile=None):
+def _resolve(dtype, head_dim, backward=False, **config):
+    """(T_small or 0, T_big, num_warps, block, precision) for the forward or the backward launch."""
     cfg = _default_config(dtype, head_dim)
-    if tile is not None:  # one level of tile T (the single-launch variant)
-        levels = (tile,)
-    levels = tuple(levels or cfg["levels"])
-    if num_warps is None:
-        num_warps = cfg["num_warps"] if len(cfg["num_warps"]) == len(levels) else (4,) * len(levels)
-    elif isinstance(num_warps, int):
-        num_warps = (num_warps,) * len(levels)
-    if any(t < 8 or t & (t - 1) for t in levels) or list(levels) != sorted(set(levels)):
-        raise ValueError(f"dom_fused: levels must be increasing powers of two >= 8, got {levels}")
-    block = block or cfg["block"]
+    unknown = set(config) - set(cfg) - {"tile"}
+    if unknown:
+        raise TypeError(f"dom_fused: unknown config keys {sorted(unknown)}")
+    cfg.update({k: v for k, v in config.items() if v is not None})
+    if cfg.get("tile"):  # one level of tile T, both ways
+        cfg["levels"] = cfg["bwd_levels"] = (cfg["tile"],)
+    levels = tuple(cfg["bwd_levels"] if backward else cfg["levels"])
+    warps = cfg["bwd_num_warps"] if backward else cfg["num_warps"]
+    if not 1 <= len(levels) <= 2 or any(t < 8 or t & (t - 1) for t in levels) or levels[0] > levels[-1]:
+        raise ValueError(f"dom_fused: levels must be one or two non-decreasing powers of two >= 8, got {levels}")
+    block = cfg["block"]
     if block < 16 or block & (block - 1):
         raise ValueError(f"dom_fused: block must be a power of two >= 16, got {block}")
-    return levels, tuple(num_warps), block, precision or cfg["precision"]
+    t_small = levels[0] if len(levels) == 2 else 0
+    return t_small, levels[-1], warps, block, cfg["precision"]
+
+
+def _grid(n, t_small, t_big, n_heads):
+    n_win_big = triton.cdiv(n, t_big)
+    return n_win_big, (n_win_big + (triton.cdiv(n, t_small) if t_small else 0), n_heads)
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _window(DOM, CU, N, T: tl.constexpr):
-        """The owned DOM range [d_lo, d_hi) of window t = program_id(0): DOMs whose first row is in it."""
-        w0 = tl.program_id(0) * T
+    def _window(DOM, CU, N, win, T: tl.constexpr):
+        """The owned DOM range [d_lo, d_hi) of window ``win`` (rows win*T ..): DOMs whose first row is in it."""
+        w0 = win * T
         w1 = tl.minimum(w0 + T, N)
         d_a = tl.load(DOM + w0).to(tl.int32)
         start_a = tl.load(CU + d_a)
@@ -92,12 +101,12 @@ if HAVE_TRITON:
         return w0, d_lo, d_hi
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
-                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
+    def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
+                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win,
+                   LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr):
         h = tl.program_id(1)
-        w0, d_lo, d_hi = _window(DOM, CU, N, T)
+        w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
         # ---- small DOMs: one 2T-row masked tile --------------------------------------------------
@@ -108,8 +117,9 @@ if HAVE_TRITON:
         own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
-            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
-            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
+            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
             v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
             valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
@@ -164,13 +174,13 @@ if HAVE_TRITON:
                          (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
-                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale,
-                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
+    def _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
+                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, win,
+                   LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr):
         """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1); LSE/DI: (N, H) fp32 scratch, row stride sx_n."""
         h = tl.program_id(1)
-        w0, d_lo, d_hi = _window(DOM, CU, N, T)
+        w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
         # ---- small DOMs --------------------------------------------------------------------------
@@ -181,8 +191,9 @@ if HAVE_TRITON:
         own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
-            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=own[:, None], other=0.0)
-            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=own[:, None], other=0.0)
+            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
             v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
             g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
                         other=0.0).to(tl.float32)
@@ -281,6 +292,46 @@ if HAVE_TRITON:
                              mask=km[:, None])
 
 
+    @triton.jit
+    def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
+                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
+                    T_SMALL: tl.constexpr, T_BIG: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr,
+                    PREC: tl.constexpr):
+        """One launch, two roles: programs [0, n_win_big) take windows of T_BIG rows (DOMs of
+        T_SMALL < n <= T_BIG in tiles, larger ones flash-looped) and start first, so the long
+        large-DOM programs overlap the sea of small windows of T_SMALL rows that follow."""
+        pid = tl.program_id(0)
+        if T_SMALL == 0:
+            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                       pid, 0, T_BIG, True, DH, BL, PREC)
+        else:
+            if pid < n_win_big:
+                _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                           pid, T_SMALL, T_BIG, True, DH, BL, PREC)
+            else:
+                _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                           pid - n_win_big, 0, T_SMALL, False, DH, BL, PREC)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
+                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, n_win_big,
+                    T_SMALL: tl.constexpr, T_BIG: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr,
+                    PREC: tl.constexpr):
+        """The backward with the same two roles as the forward."""
+        pid = tl.program_id(0)
+        if T_SMALL == 0:
+            _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, 0, T_BIG, True, DH, BL, PREC)
+        else:
+            if pid < n_win_big:
+                _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, T_SMALL, T_BIG, True, DH, BL, PREC)
+            else:
+                _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid - n_win_big, 0, T_SMALL, False,
+                           DH, BL, PREC)
+
+
 def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
     if not HAVE_TRITON:
         raise UnsupportedError("backend 'dom_fused' needs triton, which is not installed here")
@@ -299,39 +350,33 @@ def _rowmajor(x):
 
 
 def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one Triton launch per level."""
+    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one Triton launch."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    levels, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
+    t_small, t_big, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
-    lo = 0
-    for i, (tile, nw) in enumerate(zip(levels, warps)):
-        _fwd_kernel[(triton.cdiv(n, tile), n_heads)](
-            q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), scale * LOG2E,
-            LO=lo, T=tile, HAS_LARGE=i == len(levels) - 1, DH=dh, BL=block, PREC=precision, num_warps=nw)
-        lo = tile
+    n_win_big, grid = _grid(n, t_small, t_big, n_heads)
+    _fwd_kernel[grid](q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
+                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      out.stride(0), out.stride(1), scale * LOG2E, n_win_big,
+                      T_SMALL=t_small, T_BIG=t_big, DH=dh, BL=block, PREC=precision, num_warps=warps)
     return out
 
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh), one launch per level (softmax recomputed)."""
-    levels, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
+    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one launch, softmax recomputed."""
+    t_small, t_big, warps, block, precision = _resolve(q.dtype, q.shape[2], backward=True, **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
     dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)
-    lo = 0
-    for i, (tile, nw) in enumerate(zip(levels, warps)):
-        _bwd_kernel[(triton.cdiv(n, tile), n_heads)](
-            q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale,
-            LO=lo, T=tile, HAS_LARGE=i == len(levels) - 1, DH=dh, BL=block, PREC=precision, num_warps=nw)
-        lo = tile
+    n_win_big, grid = _grid(n, t_small, t_big, n_heads)
+    _bwd_kernel[grid](q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
+                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale,
+                      n_win_big, T_SMALL=t_small, T_BIG=t_big, DH=dh, BL=block, PREC=precision, num_warps=warps)
     return dq, dk, dv
 
 

@@ -231,7 +231,7 @@ def main():
             row["elapsed_s"] = time.perf_counter() - t0
             RESULTS.append(row)
             log(json.dumps(row))
-        if args.libs and ev == 1024 and dtype == torch.bfloat16:
+        if args.libs and ev == 1024 and dtype == torch.bfloat16 and h == 1:
             for lib in ("varlen", "flex_block"):
                 row = dict(base, backend=lib)
                 try:

@@ -142,6 +142,74 @@ def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+LIBRARIES = ("varlen", "flex_block", "padded")
+
+
+def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
+    """The fused kernel's targets (issue 5), each checked from the rows of this run.
+
+    "best library" is the fastest of varlen, flex_block and padded at the same point with its
+    preparation left out (median_ms - prep_ms). Needs ``with_derived`` columns. Empty when the run
+    has no ``backend`` rows.
+    """
+    ok = ok_rows(df)
+    ours = ok[ok["backend"] == backend]
+    if df[df["backend"] == backend].empty:
+        return pd.DataFrame()
+    libs = ok[ok["backend"].isin(LIBRARIES)].assign(attend_ms=lambda t: t["median_ms"] - t["prep_ms"].fillna(0))
+
+    def pick(frame, mode, dtype, heads, b):
+        sel = frame[(frame["mode"] == mode) & (frame["dtype"] == dtype) & (frame["n_heads"] == heads)
+                    & (frame["batch_size"] == b)]
+        return sel
+
+    rows = []
+
+    def add(target, measured, goal, met):
+        rows.append(dict(target=target, measured=measured, goal=goal,
+                         met="yes" if met is True else "no" if met is False else "not measured"))
+
+    for mode, factor in (("forward", 3.0), ("forward_backward", 5.0)):
+        me, lib = pick(ours, mode, "bfloat16", 1, 1024), pick(libs, mode, "bfloat16", 1, 1024)
+        if me.empty or lib.empty:
+            add(f"{mode} 1024 ev bf16 1x128: >= {factor:g}x faster than the best library", "", f">= {factor:g}x", None)
+        else:
+            best = lib.sort_values("attend_ms").iloc[0]
+            ratio = best["attend_ms"] / me["median_ms"].iloc[0]
+            add(f"{mode} 1024 ev bf16 1x128: >= {factor:g}x faster than the best library",
+                f"{me['median_ms'].iloc[0]:.4g} ms vs {best['backend']} {best['attend_ms']:.4g} ms: {ratio:.3g}x",
+                f">= {factor:g}x", bool(ratio >= factor))
+        if mode == "forward":
+            var = pick(libs, mode, "bfloat16", 1, 1024)
+            var = var[var["backend"] == "varlen"]
+            if me.empty or var.empty:
+                add("forward 1024 ev bf16 1x128: >= 10x faster than varlen", "", ">= 10x", None)
+            else:
+                ratio = var["attend_ms"].iloc[0] / me["median_ms"].iloc[0]
+                add("forward 1024 ev bf16 1x128: >= 10x faster than varlen", f"{ratio:.3g}x", ">= 10x",
+                    bool(ratio >= 10))
+    for dtype, heads, b in [("bfloat16", 1, 1024)] + [(d, h, 4096) for d in ("bfloat16", "float32") for h in (1, 8)]:
+        me = pick(ours, "forward", dtype, heads, b)
+        label = f"forward {b} ev {dtype} {heads}x{128 // heads}: <= 3x the memory floor"
+        if me.empty:
+            add(label, "", "<= 3x", None)
+        else:
+            r = me.iloc[0]
+            add(label, f"{r['median_ms']:.4g} ms, floor {r['floor_ms']:.3g} ms: {r['x_floor']:.3g}x", "<= 3x",
+                bool(r["x_floor"] <= 3))
+    me = pick(ours, "forward", "bfloat16", 1, 1024)
+    if me.empty or me["peak_mem_mb"].isna().all():
+        add("peak memory at 1024 ev (bf16 1x128 forward): <= 2x inputs + outputs", "", "<= 2x", None)
+    else:
+        r = me.iloc[0]
+        inputs_mb = r["io_mb"] - r["n_doms"] * r["n_heads"] * r["head_dim"] * 2 / 2**20
+        ratio = (r["peak_mem_mb"] + inputs_mb) / r["io_mb"]
+        add("peak memory at 1024 ev (bf16 1x128 forward): <= 2x inputs + outputs",
+            f"{r['peak_mem_mb']:.3g} MB above {inputs_mb:.3g} MB of inputs; inputs + outputs {r['io_mb']:.3g} MB: "
+            f"{ratio:.3g}x", "<= 2x", bool(ratio <= 2))
+    return pd.DataFrame(rows)
+
+
 def status_counts(df: pd.DataFrame) -> pd.DataFrame:
     return df.pivot_table(index="backend", columns="status", values="median_ms", aggfunc="size", fill_value=0)
 
@@ -217,6 +285,11 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
                   f"{seed.attrs['n_heads']} head(s), attention + mean pool only, on this run's device; `_ms` is the "
                   "median over rotated batches, `_first_ms` the first (compiling) call. `our_pulses` is the mean "
                   "over the rotated batches of our data set.", "", markdown_table(seed)]
+    targets = fused_targets(df) if "floor_ms" in df else pd.DataFrame()
+    if not targets.empty:
+        lines += ["## The fused kernel's targets (issue 5), from this run", "",
+                  "'best library': fastest of varlen, flex_block, padded with its preparation left out "
+                  "(median_ms - prep_ms).", "", markdown_table(targets)]
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         lines += ["## Status of every row, per backend", "", markdown_table(status_counts(df).reset_index()),

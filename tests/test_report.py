@@ -118,3 +118,28 @@ def test_environment_info_on_cpu(tmp_path):
     assert 1e8 < bw < 1e13
     path = envinfo.write(tmp_path / "environment.json", info)
     assert json.loads(path.read_text())["device"] == "cpu"
+
+
+def test_fused_targets_checked_from_rows():
+    def r(backend, b, median, mode="forward", dtype="bfloat16", heads=1, prep=0.0, mem=1.0):
+        out = row(backend, b, median, mode=mode, dtype=dtype, heads=heads)
+        out.update(prep_ms=prep, peak_mem_mb=mem)
+        return out
+
+    rows = [r("dom_fused", 1024, 0.1, mem=10.0), r("varlen", 1024, 1.5), r("flex_block", 1024, 0.9, prep=0.5),
+            r("padded", 1024, 30.0), r("dom_fused", 1024, 0.3, mode="forward_backward"),
+            r("flex_block", 1024, 1.4, mode="forward_backward", prep=0.2)]
+    df = results.with_derived(table(rows), {"copy_bandwidth_gbps": 3000.0})
+    t = results.fused_targets(df).set_index("target")
+    # best library forward: flex_block 0.9 - 0.5 = 0.4 ms -> 4x; varlen 15x; fwd+bwd: 1.2 / 0.3 = 4x < 5x
+    assert t.loc["forward 1024 ev bf16 1x128: >= 3x faster than the best library", "met"] == "yes"
+    assert "flex_block 0.4 ms: 4x" in t.loc["forward 1024 ev bf16 1x128: >= 3x faster than the best library",
+                                             "measured"]
+    assert t.loc["forward 1024 ev bf16 1x128: >= 10x faster than varlen", "met"] == "yes"
+    assert t.loc["forward_backward 1024 ev bf16 1x128: >= 5x faster than the best library", "met"] == "no"
+    assert t.loc["forward 4096 ev float32 8x16: <= 3x the memory floor", "met"] == "not measured"
+    floor = df[df["backend"] == "dom_fused"]["floor_ms"].iloc[0]
+    assert t.loc["forward 1024 ev bfloat16 1x128: <= 3x the memory floor", "met"] == ("yes" if 0.1 <= 3 * floor
+                                                                                        else "no")
+    assert results.fused_targets(df[df["backend"] != "dom_fused"]).empty
+    assert "## The fused kernel's targets" in results.summary_markdown(df, {"copy_bandwidth_gbps": 3000.0})

@@ -160,9 +160,14 @@ def _chunk(rng: np.random.Generator, n: int, xyz: np.ndarray, segments: "_Segmen
     ev = np.repeat(ev_seg, per_seg)
     mod = np.repeat(segments.start[seg] - (np.cumsum(per_seg) - per_seg), per_seg) + np.arange(int(per_seg.sum()))
 
-    rel = xyz[mod] - point[ev]
-    s_hit = np.einsum("ij,ij->i", rel, direction[ev])
-    r_hit = np.sqrt(np.einsum("ij,ij->i", rel, rel))
+    # one coordinate at a time: 1-D gathers are much cheaper than gathering rows of a (n, 3) array
+    s_hit = np.zeros(len(ev))
+    r_sq = np.zeros(len(ev))
+    for k in range(3):  # x, y, z
+        rel = np.take(xyz[:, k], mod) - np.take(point[:, k], ev)
+        s_hit += rel * np.take(direction[:, k], ev)
+        r_sq += rel * rel
+    r_hit = np.sqrt(r_sq)
     dist_hit = np.where(is_track[ev], np.sqrt(np.maximum(r_hit ** 2 - s_hit ** 2, 0.0)), r_hit)
     inside = dist_hit < d_max[ev]
     ev, mod, s_hit, r_hit, dist_hit = ev[inside], mod[inside], s_hit[inside], r_hit[inside], dist_hit[inside]

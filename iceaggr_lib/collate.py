@@ -36,8 +36,9 @@ Two ways in
   Dataset yields them) and does the sort itself, vectorised.
 
 Speed: ``PulseTable`` computes the float32 feature matrix (and per-DOM indices) once, before its
-first batch, so ``batch`` is a copy of contiguous rows plus offset arithmetic (``python -m iceaggr_lib.collate_bench``
-measures it). ``concat_batches`` joins DomBatches of consecutive ranges (e.g. across two files).
+first batch, so ``batch`` is a copy of contiguous rows plus offset arithmetic
+(``python -m iceaggr_lib.collate_bench`` measures it). ``concat_batches`` joins DomBatches of
+consecutive ranges (e.g. across two files).
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class PulseTable:
             raise ValueError(f"PulseTable.from_pulses: sensor id {bad} is not in the geometry (0..{n_sensors - 1})")
         if n and (event_index.min() < 0 or event_index.max() >= n_events):
             raise ValueError(f"PulseTable.from_pulses: event_index outside 0..{n_events - 1}")
+        if targets is not None and np.shape(targets) != (n_events, 2):
+            raise ValueError(f"PulseTable.from_pulses: targets must be ({n_events}, 2), got {np.shape(targets)}")
 
         order = _sort_order(event_index, sensor_id, time, n_sensors)
         if order is None:  # already in (event, sensor, time) order

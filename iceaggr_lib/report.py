@@ -10,7 +10,8 @@
 4. renders each executed notebook to HTML with nbconvert.
 
 A failing notebook still leaves its executed copy (with the error in the failing cell) and its HTML,
-and the command exits non-zero naming the notebook.
+the later notebooks still run (the report on whatever rows the benchmark finished), and the command
+exits non-zero naming the failed notebook.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK_NAMES = ("01_sparsity", "02_benchmark", "03_report")
 DEFAULT_SAMPLE = ROOT / "data" / "sample"
+ARTEFACTS = ("sparsity_summary.json", "attention_work.csv", "benchmark.csv", "environment.json", "summary.md")
 SAMPLE_EVENTS = 20_000
 
 # The CPU grid: small enough for ~10 minutes on 2 cores (FlexAttention compiles slowly on the CPU and
@@ -147,24 +149,28 @@ def main(argv=None) -> int:
         "03_report": dict(results_dir=str(out), out_dir=str(out)),
     }
     print(f"report: data {data_dir}, out {out}\nreport: grid {grid}", flush=True)
-    failed = None
+    for stale in ARTEFACTS:  # never let a report show an earlier run's numbers
+        (out / stale).unlink(missing_ok=True)
+    failed = []
     for name in NOTEBOOK_NAMES:
+        if name == "03_report" and not (out / "benchmark.csv").exists():
+            failed.append(f"{name}: skipped, no benchmark.csv")
+            continue
         t0 = time.perf_counter()
         try:
             nb = run_notebook(name, out, params[name], kernel_name=args.kernel)
+            state = "done"
         except Exception as e:  # papermill has written the executed notebook with the failing cell
-            failed = f"{name}: {type(e).__name__}: {e}"
-            nb = out / f"{name}.ipynb"
-        print(f"report: {name} {'FAILED' if failed else 'done'} in {time.perf_counter() - t0:.1f} s", flush=True)
+            failed.append(f"{name}: {type(e).__name__}: {' '.join(str(e).split())[:500]}")
+            nb, state = out / f"{name}.ipynb", "FAILED"
+        # a failed benchmark still leaves the rows it finished: the report notebook runs on them
+        print(f"report: {name} {state} in {time.perf_counter() - t0:.1f} s", flush=True)
         if not args.no_html and nb.exists():
             print(f"report: {render_html(nb)}", flush=True)
-        if failed:
-            break
     print(f"report: total {time.perf_counter() - t_all:.1f} s; outputs in {out}", flush=True)
-    if failed:
-        print(f"report: FAILED in {failed}", file=sys.stderr)
-        return 1
-    return 0
+    for failure in failed:
+        print(f"report: FAILED {failure}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -143,3 +143,38 @@ def test_fused_targets_checked_from_rows():
                                                                                         else "no")
     assert results.fused_targets(df[df["backend"] != "dom_fused"]).empty
     assert "## The fused kernel's targets" in results.summary_markdown(df, {"copy_bandwidth_gbps": 3000.0})
+
+
+def test_driver_passes_parameters_and_reports_failures(tmp_path, monkeypatch):
+    import nbformat
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train_meta.parquet").write_bytes(b"")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "benchmark.csv").write_text("stale")
+    calls = []
+
+    def fake_run(name, out_dir, parameters, kernel_name="python3"):
+        calls.append((name, parameters))
+        if name == "02_benchmark":
+            (out_dir / "benchmark.csv").write_text("rows so far")
+            raise RuntimeError("kernel died")
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {name}")])
+        path = out_dir / f"{name}.ipynb"
+        nbformat.write(nb, path)
+        return path
+
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = report.main(["--out", str(out), "--data-dir", str(tmp_path / "data"), "--batch-sizes", "4", "8",
+                        "--backends", "padded"])
+    assert code == 1  # 02 failed
+    names = [c[0] for c in calls]
+    assert names == ["01_sparsity", "02_benchmark", "03_report"]  # 03 still ran on the rows 02 finished
+    bench = calls[1][1]
+    assert bench["batch_sizes"] == [4, 8] and bench["backends"] == ["padded"] and bench["dtypes"] == ["float32"]
+    assert bench["data_dir"] == str(tmp_path / "data") and bench["out_dir"] == str(out)
+    assert calls[2][1] == {"results_dir": str(out), "out_dir": str(out)}
+    assert (out / "01_sparsity.html").read_text().count("01_sparsity") >= 1
+    assert (out / "benchmark.csv").read_text() == "rows so far"  # the stale CSV was removed first

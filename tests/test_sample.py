@@ -45,6 +45,8 @@ def test_pulses_are_physical():
     # light falls with distance: pulses concentrate on few modules, not spread uniformly like noise
     table = generate_table(400, seed=1)
     assert np.diff(table.dom_pulse_offsets).max() > 20
+    dom_charge = np.add.reduceat(table.charge, table.dom_pulse_offsets[:-1])
+    assert 0.5 < np.median(dom_charge) < 2.0 and dom_charge.max() < 3.1e4  # real: median 1 p.e., tail to ~3e4
 
 
 def test_tiny_demo_detector():

@@ -25,7 +25,7 @@ segments for a coarse cut, then the (event, module) pairs within reach; no loop 
    cascade: ``t0 + r n / c``) plus a gamma-distributed scattering delay growing with distance; later
    pulses of a busy DOM trail over ~a microsecond (late light, afterpulses). Integer ns like Kaggle.
 7. **Charges**: photons per pulse times a lognormal single-photo-electron response, quantised to
-   0.025 p.e. as in the Kaggle files.
+   0.025 p.e. as in the Kaggle files; a DOM's collected charge saturates near ``saturation_pe``.
 8. **Noise**: Poisson(``noise_hits_mean``) dark-noise hits per event on random modules at uniform
    times in the readout window.
 9. **Auxiliary flag**: ``True`` for pulses of a DOM without a hit neighbour (+-1 or +-2 modules on
@@ -80,6 +80,7 @@ class GeneratorConfig:
     p_separate: float = 0.8  # probability that a further photon makes its own pulse, in a busy DOM
     merge_photons: float = 0.7  # ... reduced by n / (n + merge_photons) for a DOM with n photons
     saturation_pulses: float = 400.0
+    saturation_pe: float = 3.0e4  # a DOM's total charge saturates near this (real tail: ~3e4 p.e.)
     noise_hits_mean: float = 22.0
     trigger_hlc_doms: int = 8  # events need this many DOMs with a hit neighbour (else not recorded)
     t0_ns: float = 10_000.0
@@ -204,7 +205,8 @@ def _chunk(rng: np.random.Generator, n: int, xyz: np.ndarray, segments: "_Segmen
     late = rank > 0
     delay[late] += rng.exponential(cfg.late_light_ns, int(late.sum()))
     sig_time = t_direct[dom] + delay
-    per_pulse_pe = (photons / pulses)[dom]
+    collected_pe = photons / (1.0 + photons / cfg.saturation_pe)  # the PMT saturates for very bright light
+    per_pulse_pe = (collected_pe / pulses)[dom]
     sig_charge = per_pulse_pe * np.exp(rng.normal(0.0, cfg.spe_sigma, n_sig))
     sig_event = ev[dom]
     sig_sensor = mod[dom]

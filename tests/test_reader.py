@@ -195,6 +195,14 @@ def test_one_row_of_another_event_inside_a_range(small):
     expect(small, r"batch_1\.parquet: rows 0\.\.\d+ should hold event \d+ .*but row 5 has event_id \d+ \(1 mismatched row")
 
 
+def test_non_finite_target(small):
+    def poison(f):
+        f.loc[3, "zenith"] = np.nan
+        return f
+    rewrite(small / "train_meta.parquet", poison)
+    expect(small, r"train_meta\.parquet: event \d+ has a non-finite azimuth/zenith")
+
+
 def test_event_without_pulses(small):
     def drop_first_event_pulses(f):
         f.loc[0, "last_pulse_index"] = f.loc[0, "first_pulse_index"] - 1

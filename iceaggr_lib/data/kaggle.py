@@ -150,6 +150,10 @@ class KaggleDataset:
         self.meta_first, self.meta_last = take(first), take(last)
         self.meta_targets = (np.stack([take(_np(meta, c, np.float64)) for c in TARGET_COLUMNS], axis=1)
                              if self.has_targets else None)
+        if self.meta_targets is not None and not np.isfinite(self.meta_targets).all():
+            i = int(np.flatnonzero(~np.isfinite(self.meta_targets).all(axis=1))[0])
+            raise DataFormatError(f"{self.meta_path}: event {self.meta_event_id[i]} has a non-finite azimuth/zenith "
+                                  f"{self.meta_targets[i].tolist()}")
         empty = np.flatnonzero(self.meta_last < self.meta_first)
         if len(empty):
             i = empty[0]
@@ -159,7 +163,7 @@ class KaggleDataset:
         if (self.meta_first < 0).any():
             i = int(np.flatnonzero(self.meta_first < 0)[0])
             raise DataFormatError(f"{self.meta_path}: event {self.meta_event_id[i]} has a negative first_pulse_index")
-        # event e of the split lives in file batch_ids[file_of[e]]; file f holds events [file_start[f], file_start[f+1])
+        # file batch_ids[f] holds the split's events file_start[f] .. file_start[f + 1] - 1
         self.file_start = np.searchsorted(self.meta_batch_id, np.asarray(self.batch_ids + [np.iinfo(np.int64).max]))
         counts = np.diff(self.file_start)
         if (counts == 0).any():

@@ -30,4 +30,4 @@ lab: setup
 	.venv/bin/jupyter lab notebooks/
 
 clean:
-	rm -rf .venv data reports/latest .pytest_cache
+	rm -rf .venv data reports/latest reports/scratch .pytest_cache

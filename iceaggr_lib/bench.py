@@ -363,6 +363,16 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
 # the grid
 
 
+def apply_settings() -> None:
+    """fp32 means fp32: no tf32 in matmuls or cuDNN (the developers' guide's fp32 tolerance assumes it).
+
+    ``run_grid`` applies these; call it before ``envinfo.collect`` so environment.json records them.
+    """
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 class CsvRows:
     """Appends rows with ``CSV_COLUMNS`` to a CSV file, flushing each one (a crash loses nothing)."""
 
@@ -407,10 +417,7 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
     reference of a point are shared by every backend. Returns the rows as a DataFrame.
     """
     device = resolve_device(cfg.device)
-    torch.set_float32_matmul_precision("highest")  # fp32 means fp32: no tf32 in matmuls
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    apply_settings()
     writer = CsvRows(csv_path, append=append)
     rows = []
     stopped: dict = {}  # (backend, dtype, heads, mode) -> reason its larger batch sizes are skipped

@@ -9,6 +9,11 @@
    environment.json, figures/*.png, summary.md) written to ``--out``;
 4. renders each executed notebook to HTML with nbconvert.
 
+A GPU grid too long for one 10-minute device call can be run in parts, each into its own folder
+(``--dtypes bfloat16 --out reports/h100_bf16``, then ``--dtypes float32 --out reports/h100_fp32``), and
+the report drawn over both: ``--notebooks 03_report --results-dirs reports/h100_bf16 reports/h100_fp32
+--out reports/h100``.
+
 A failing notebook still leaves its executed copy (with the error in the failing cell) and its HTML,
 the later notebooks still run (the report on whatever rows the benchmark finished), and the command
 exits non-zero naming the failed notebook.
@@ -26,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK_NAMES = ("01_sparsity", "02_benchmark", "03_report")
 DEFAULT_SAMPLE = ROOT / "data" / "sample"
-ARTEFACTS = ("sparsity_summary.json", "attention_work.csv", "benchmark.csv", "environment.json", "summary.md")
+ARTEFACTS = {"01_sparsity": ("sparsity_summary.json", "attention_work.csv"),
+             "02_benchmark": ("benchmark.csv", "environment.json"), "03_report": ("summary.md",)}
 SAMPLE_EVENTS = 20_000
 
 # The CPU grid: small enough for ~10 minutes on 2 cores (FlexAttention compiles slowly on the CPU and
@@ -132,13 +138,22 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit-s", type=float, help="bound the benchmark grid; later points become 'skipped' rows")
     p.add_argument("--max-call-ms", type=float, help="skip batch sizes whose extrapolated call time exceeds this")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    p.add_argument("--notebooks", nargs="+", default=list(NOTEBOOK_NAMES), choices=NOTEBOOK_NAMES,
+                   help="run only these notebooks")
+    p.add_argument("--results-dirs", nargs="+", help="03_report reads these runs (merged) instead of --out, "
+                   "e.g. a bf16 and an fp32 part of one GPU grid run in two device calls")
     p.add_argument("--no-html", action="store_true")
     args = p.parse_args(argv)
 
     t_all = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data_dir).resolve() if args.data_dir else ensure_sample(DEFAULT_SAMPLE, args.events, args.seed)
+    if args.data_dir:
+        data_dir = Path(args.data_dir).resolve()
+    elif {"01_sparsity", "02_benchmark"} & set(args.notebooks):
+        data_dir = ensure_sample(DEFAULT_SAMPLE, args.events, args.seed)
+    else:
+        data_dir = DEFAULT_SAMPLE
     grid = default_grid(args.grid)
     for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s", "max_call_ms"):
         if getattr(args, key) is not None:
@@ -146,14 +161,16 @@ def main(argv=None) -> int:
     params = {
         "01_sparsity": dict(data_dir=str(data_dir), split="train", max_events=args.max_events, out_dir=str(out)),
         "02_benchmark": dict(data_dir=str(data_dir), device=args.device, out_dir=str(out), **grid),
-        "03_report": dict(results_dir=str(out), out_dir=str(out)),
+        "03_report": dict(results_dir=[str(Path(d).resolve()) for d in args.results_dirs] if args.results_dirs
+                          else str(out), out_dir=str(out)),
     }
     print(f"report: data {data_dir}, out {out}\nreport: grid {grid}", flush=True)
-    for stale in ARTEFACTS:  # never let a report show an earlier run's numbers
-        (out / stale).unlink(missing_ok=True)
+    for name in args.notebooks:  # never let a report show an earlier run's numbers
+        for stale in ARTEFACTS[name]:
+            (out / stale).unlink(missing_ok=True)
     failed = []
-    for name in NOTEBOOK_NAMES:
-        if name == "03_report" and not (out / "benchmark.csv").exists():
+    for name in args.notebooks:
+        if name == "03_report" and not args.results_dirs and not (out / "benchmark.csv").exists():
             failed.append(f"{name}: skipped, no benchmark.csv")
             continue
         t0 = time.perf_counter()

@@ -34,14 +34,36 @@ SEED_SOURCE = ("the seed's published numbers (flexattention_benchmark_results.md
                "one timing per batch size with compilation included; 'flex' is flex_dense")
 
 
-def load(results_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """``benchmark.csv`` and ``environment.json`` of a run directory."""
-    results_dir = Path(results_dir)
-    csv_path, env_path = results_dir / "benchmark.csv", results_dir / "environment.json"
-    for p in (csv_path, env_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found: run notebooks/02_benchmark.ipynb with out_dir={results_dir}")
-    return read_results(csv_path), json.loads(env_path.read_text())
+def load(results_dir) -> tuple[pd.DataFrame, dict]:
+    """``benchmark.csv`` and ``environment.json`` of a run directory, or of several run directories.
+
+    Several (a list) are parts of one grid run separately on the same kind of device (e.g. bf16 and
+    fp32 in two device calls): their rows are concatenated, a grid point present twice is an error,
+    and the environment is the first run's, with ``merged_from`` listing each part's device name,
+    torch version and copy bandwidth.
+    """
+    dirs = [Path(d) for d in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir)]
+    frames, envs = [], []
+    for d in dirs:
+        csv_path, env_path = d / "benchmark.csv", d / "environment.json"
+        for p in (csv_path, env_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} not found: run notebooks/02_benchmark.ipynb with out_dir={d}")
+        frames.append(read_results(csv_path))
+        envs.append(json.loads(env_path.read_text()))
+    if len(dirs) == 1:
+        return frames[0], envs[0]
+    df = pd.concat(frames, ignore_index=True)
+    key = ["backend", "dtype", "mode", "n_heads", "batch_size"]
+    dup = df[df.duplicated(key, keep=False)]
+    if not dup.empty:
+        raise ValueError(f"grid points measured in more than one of {[str(d) for d in dirs]}: "
+                         f"{dup[key].drop_duplicates().head().to_dict('records')}")
+    env = dict(envs[0])
+    env["merged_from"] = [dict(results_dir=str(d), device_name=e.get("device_name"),
+                               torch_version=e.get("torch_version"), copy_bandwidth_gbps=e.get("copy_bandwidth_gbps"))
+                          for d, e in zip(dirs, envs)]
+    return df, env
 
 
 def bandwidth_bytes_per_s(env: dict) -> float:

@@ -178,3 +178,28 @@ def test_driver_passes_parameters_and_reports_failures(tmp_path, monkeypatch):
     assert calls[2][1] == {"results_dir": str(out), "out_dir": str(out)}
     assert (out / "01_sparsity.html").read_text().count("01_sparsity") >= 1
     assert (out / "benchmark.csv").read_text() == "rows so far"  # the stale CSV was removed first
+
+
+def test_load_merges_parts_of_one_grid(tmp_path):
+    for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        d = tmp_path / name
+        d.mkdir()
+        table([row("padded", 4, 1.0, dtype=dtype), row("loop", 4, 9.0, dtype=dtype)]).to_csv(d / "benchmark.csv",
+                                                                                             index=False)
+        (d / "environment.json").write_text(json.dumps(dict(ENV, device_name=f"GPU {name}")))
+    df, env = results.load([tmp_path / "bf16", tmp_path / "fp32"])
+    assert len(df) == 4 and set(df["dtype"]) == {"bfloat16", "float32"}
+    assert env["gpu_name"] == "Test GPU" and [m["device_name"] for m in env["merged_from"]] == ["GPU bf16", "GPU fp32"]
+    with pytest.raises(ValueError, match="more than one"):
+        results.load([tmp_path / "bf16", tmp_path / "bf16"])
+
+
+def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(report, "run_notebook", lambda name, out_dir, parameters, kernel_name="python3":
+                        calls.append((name, parameters)) or None)
+    code = report.main(["--out", str(tmp_path / "out"), "--notebooks", "03_report", "--no-html",
+                        "--results-dirs", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert code == 0
+    assert calls == [("03_report", {"results_dir": [str(tmp_path / "a"), str(tmp_path / "b")],
+                                    "out_dir": str(tmp_path / "out")})]

@@ -4,6 +4,11 @@
 #   device run, carry [".whl"], command:
 #     bash scripts/device_report.sh                 # the GPU grid (iceaggr_lib/report.py), bounded to 390 s
 #     bash scripts/device_report.sh --batch-sizes 4 1024 --repeats 5 --time-limit-s 60   # a smoke run
+#   a grid too long for one call, in two calls, then the report over both here (no GPU needed):
+#     REPORT_DIR=reports/h100_bf16 bash scripts/device_report.sh --dtypes bfloat16
+#     REPORT_DIR=reports/h100_fp32 bash scripts/device_report.sh --dtypes float32 --notebooks 02_benchmark
+#     .venv/bin/python -m iceaggr_lib.report --notebooks 03_report \
+#         --results-dirs reports/h100_bf16 reports/h100_fp32 --out reports/h100
 #
 # .whl holds the notebook stack as wheels (papermill, ipykernel, nbconvert, nbval, ...):
 #   cp -r ../shared/device-wheels .whl     (git-ignored; see /work/shared/device-wheels/README.md)

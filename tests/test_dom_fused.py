@@ -59,7 +59,7 @@ def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
 # Small tiles (T = 8, 16) make small test batches exercise every path: packed tiles of each level,
 # windows with nothing to do, and the flash loop of DOMs above the last level.
 @needs_kernel
-@pytest.mark.parametrize("levels", [(8,), (8, 16), (8, 8)])
+@pytest.mark.parametrize("levels,merged", [((8,), False), ((8, 16), False), ((8, 16), True), ((8, 8), True)])
 @pytest.mark.parametrize("sizes", [
     [1, 1, 2, 3, 1, 5, 1, 1, 4, 1, 2, 2, 7, 1, 8, 9],
     [3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1],
@@ -67,13 +67,15 @@ def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
     [50],
     [17, 1, 16, 33, 2, 8, 9],
 ], ids=["mixed", "with_large", "ones", "one50", "edges"])
-def test_small_tiles_fp32(sizes, levels):
-    check_against_reference(sizes, 2, 16, torch.float32, levels=levels, bwd_levels=levels, block=16)
+def test_small_tiles_fp32(sizes, levels, merged):
+    check_against_reference(sizes, 2, 16, torch.float32, levels=levels, bwd_levels=levels, block=16, merged=merged)
 
 
 @needs_kernel
-def test_random_sizes_fp32_default_config():
-    check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3)
+@pytest.mark.parametrize("config", [{}, dict(levels=(16, 64), bwd_levels=(16,), merged=False, block=64)],
+                         ids=["fp32_default", "bf16_default_plan"])
+def test_random_sizes_fp32(config):
+    check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3, **config)
 
 
 @needs_cuda
@@ -121,3 +123,36 @@ def test_auto_backend_matches_reference():
     expected = "dom_fused" if device == "cuda" and dom_fused.HAVE_TRITON else "padded"
     assert choose(device, torch.float32, 16) == expected
     assert choose("cuda", torch.float64, 16) == "padded"
+
+
+def test_pad_to_bucket_keeps_the_batch_and_adds_one_pulse_doms():
+    from iceaggr_lib.graphs import bucket_for, pad_to_bucket
+    batch = batch_from_dom_sizes(icecube_like_sizes(300, seed=6, max_size=30), seed=6)
+    n_bucket = bucket_for(batch.n_pulses)
+    assert n_bucket >= batch.n_pulses and n_bucket & (n_bucket - 1) == 0
+    feats, cu, dom, counts = pad_to_bucket(batch, n_bucket)
+    n, d = batch.n_pulses, batch.n_doms
+    assert torch.equal(feats[:n], batch.pulse_features) and not feats[n:].any()
+    assert torch.equal(cu[:d + 1], batch.cu_seqlens) and int(cu[-1]) == n_bucket
+    assert torch.equal(torch.diff(cu.long()), counts)  # cu_seqlens and counts agree everywhere
+    assert torch.equal(dom, torch.repeat_interleave(torch.arange(n_bucket), counts))  # rows map to their DOMs
+    assert (counts[d:d + n_bucket - n] == 1).all() and not counts[d + n_bucket - n:].any()
+    with pytest.raises(ValueError, match="bucket"):
+        pad_to_bucket(batch, n_bucket // 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_forward_matches_eager(dtype):
+    from iceaggr_lib.graphs import GraphedDomForward
+    from iceaggr_lib.model import DOMAggregator
+    torch.manual_seed(0)
+    model = DOMAggregator(n_heads=8, backend="dom_fused").to("cuda", dtype)
+    graphed = GraphedDomForward(model)
+    for seed in (1, 2):  # two batches of one bucket: the second replays the captured graph
+        batch = batch_from_dom_sizes(icecube_like_sizes(700, seed=seed, max_size=30), seed=seed)
+        with torch.no_grad():
+            out = graphed(batch).clone()
+            ref = model(batch.to("cuda"))
+        assert out.shape == ref.shape and rel_err(out, ref) <= TOLERANCE[dtype]
+    assert graphed.captures == 1

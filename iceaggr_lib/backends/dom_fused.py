@@ -57,9 +57,12 @@ def _default_config(dtype: torch.dtype, head_dim: int) -> dict:
     packed tiles of 2*T_small rows, T_small < n <= T_big to tiles of 2*T_big rows, n > T_big to the flash
     loop of ``block``-row blocks. ``bwd_levels`` the same for the backward (its tiles hold more live
     arrays, so it prefers small tiles and the flash loop above them). ``precision``: fp32 dots."""
+    # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md).
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
-        return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=32, precision="tf32x3")
-    return dict(levels=(16, 64), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=64, precision="ieee")
+        return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=32, precision="tf32x3",
+                    merged=True)
+    return dict(levels=(16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4, block=64, precision="ieee",
+                merged=False)
 
 
 def _resolve(dtype, head_dim, backward=False, **config):
@@ -79,12 +82,15 @@ def _resolve(dtype, head_dim, backward=False, **config):
     if block < 16 or block & (block - 1):
         raise ValueError(f"dom_fused: block must be a power of two >= 16, got {block}")
     t_small = levels[0] if len(levels) == 2 else 0
-    return t_small, levels[-1], warps, block, cfg["precision"]
+    return t_small, levels[-1], warps, block, cfg["precision"], bool(cfg["merged"])
 
 
-def _grid(n, t_small, t_big, n_heads):
-    n_win_big = triton.cdiv(n, t_big)
-    return n_win_big, ((n_win_big + (triton.cdiv(n, t_small) if t_small else 0)) * n_heads,)
+def _launches(n, t_small, t_big, n_heads, merged):
+    """[(role, grid)] in launch order; n_win_big (the merged kernel's split point) is cdiv(n, t_big)."""
+    n_small, n_big = (triton.cdiv(n, t_small) if t_small else 0), triton.cdiv(n, t_big)
+    if not t_small or merged:
+        return [(0, ((n_big + n_small) * n_heads,))]
+    return [(2, (n_small * n_heads,)), (1, (n_big * n_heads,))]
 
 
 if HAVE_TRITON:
@@ -294,16 +300,24 @@ if HAVE_TRITON:
     def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr):
-        """One launch, two roles: programs [0, n_win_big) take windows of T_BIG rows (DOMs of
-        T_SMALL < n <= T_BIG in tiles, larger ones flash-looped) and start first, so the long
-        large-DOM programs overlap the sea of small windows of T_SMALL rows that follow."""
+                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr):
+        """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
+        flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
+        launch, big windows first (programs [0, n_win_big)), so the long large-DOM programs overlap
+        the small ones; but the kernel then takes the register budget of the big role for all
+        programs. ROLE 2 / ROLE 1 run only the small / only the big role, one launch each."""
         # the heads of one window are neighbours in the grid, so they share its rows in L2
         pid = tl.program_id(0) // NH
         h = tl.program_id(0) % NH
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        pid, h, 0, T_BIG, True, DH, BL, PREC)
+        elif ROLE == 1:  # big windows only (a launch of their own)
+            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                       pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
+        elif ROLE == 2:  # small windows only
+            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                       pid, h, 0, T_SMALL, False, DH, BL, PREC)
         else:
             if pid < n_win_big:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
@@ -316,7 +330,7 @@ if HAVE_TRITON:
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr):
+                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr):
         """The backward with the same two roles as the forward."""
         # the heads of one window are neighbours in the grid, so they share its rows in L2
         pid = tl.program_id(0) // NH
@@ -324,6 +338,12 @@ if HAVE_TRITON:
         if T_SMALL == 0:
             _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
                        sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, 0, T_BIG, True, DH, BL, PREC)
+        elif ROLE == 1:
+            _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
+        elif ROLE == 2:
+            _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, 0, T_SMALL, False, DH, BL, PREC)
         else:
             if pid < n_win_big:
                 _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
@@ -352,33 +372,37 @@ def _rowmajor(x):
 
 
 def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one Triton launch."""
+    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    t_small, t_big, warps, block, precision = _resolve(q.dtype, q.shape[2], **config)
+    t_small, t_big, warps, block, precision, merged = _resolve(q.dtype, q.shape[2], **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
-    n_win_big, grid = _grid(n, t_small, t_big, n_heads)
-    _fwd_kernel[grid](q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      out.stride(0), out.stride(1), scale * LOG2E, n_win_big,
-                      T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block, PREC=precision, num_warps=warps)
+    n_win_big = triton.cdiv(n, t_big)
+    for role, grid in _launches(n, t_small, t_big, n_heads, merged):
+        _fwd_kernel[grid](q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          out.stride(0), out.stride(1), scale * LOG2E, n_win_big,
+                          T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block, PREC=precision, ROLE=role,
+                          num_warps=warps)
     return out
 
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one launch, softmax recomputed."""
-    t_small, t_big, warps, block, precision = _resolve(q.dtype, q.shape[2], backward=True, **config)
+    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
+    t_small, t_big, warps, block, precision, merged = _resolve(q.dtype, q.shape[2], backward=True, **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
     dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)
-    n_win_big, grid = _grid(n, t_small, t_big, n_heads)
-    _bwd_kernel[grid](q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale,
-                      n_win_big, T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block, PREC=precision, num_warps=warps)
+    n_win_big = triton.cdiv(n, t_big)
+    for role, grid in _launches(n, t_small, t_big, n_heads, merged):
+        _bwd_kernel[grid](q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E,
+                          scale, n_win_big, T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block,
+                          PREC=precision, ROLE=role, num_warps=warps)
     return dq, dk, dv
 
 

@@ -212,10 +212,17 @@ def main():
                         dict(bwd_levels=(16, 64)), dict(bwd_levels=(8, 8)), dict(bwd_levels=(32, 32)),
                         dict(num_warps=8, bwd_num_warps=8)):
                 variants.append((f"dom_fused{cfg}", cfg))
+        if args.sweep and h > 1:  # small-DOM programs looping over the heads (shared index loads and masks)
+            variants.append(("dom_fused{head_loop}", dict(head_loop=True)))
+            variants.append(("dom_fused{head_loop,fwd(16,32)}", dict(head_loop=True, levels=(16, 32))))
+            if dtype != torch.float32:
+                variants.append(("dom_fused{head_loop,bwd(16,32)}", dict(head_loop=True, bwd_levels=(16, 32))))
         if args.sweep and dtype == torch.float32:
-            variants.append(("dom_fused{tf32x3}", dict(precision="tf32x3")))
             if ev in args.sweep_events:
                 variants.append(("dom_fused{(16,),tf32x3}", dict(levels=(16,), precision="tf32x3")))
+            if h == 1:  # the bf16 plan (two forward launches, single-level backward) in fp32
+                variants.append(("dom_fused{bf16 plan}", dict(levels=(16, 64), bwd_levels=(16,), merged=False,
+                                                              block=64)))
         for name, cfg in variants:
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:

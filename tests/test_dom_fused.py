@@ -72,6 +72,18 @@ def test_small_tiles_fp32(sizes, levels, merged):
 
 
 @needs_kernel
+@pytest.mark.parametrize("levels,merged", [((8,), False), ((8, 16), False), ((8, 16), True)])
+@pytest.mark.parametrize("sizes", [
+    [1, 1, 2, 3, 1, 5, 1, 1, 4, 1, 2, 2, 7, 1, 8, 9],
+    [3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1],
+], ids=["mixed", "with_large"])
+def test_head_loop_fp32(sizes, levels, merged):
+    """Small-DOM programs looping over the heads write every head of every row (4 heads)."""
+    check_against_reference(sizes, 4, 16, torch.float32, levels=levels, bwd_levels=levels, block=16, merged=merged,
+                            head_loop=True)
+
+
+@needs_kernel
 @pytest.mark.parametrize("config", [{}, dict(levels=(16, 64), bwd_levels=(16,), merged=False, block=64)],
                          ids=["fp32_default", "bf16_default_plan"])
 def test_random_sizes_fp32(config):
@@ -85,6 +97,9 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     sizes = icecube_like_sizes(4000, seed=5)
     sizes[1234] = 455  # the largest DOM seen in the data
     check_against_reference(sizes, n_heads, head_dim, dtype, seed=5)
+    if n_heads > 1:  # the other head layout, whichever the default is
+        default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)
 
 
 @needs_cuda

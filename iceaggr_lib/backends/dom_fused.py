@@ -54,22 +54,25 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 LOG2E = 1.4426950408889634
 
 
-def _default_config(dtype: torch.dtype, head_dim: int) -> dict:
+def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict:
     """Launch plan (one launch each way). ``levels`` = (T_small, T_big) or (T,): DOMs of n <= T_small go to
     packed tiles of 2*T_small rows, T_small < n <= T_big to tiles of 2*T_big rows, n > T_big to the flash
     loop of ``block``-row blocks. ``bwd_levels`` the same for the backward (its tiles hold more live
-    arrays, so it prefers small tiles and the flash loop above them). ``precision``: fp32 dots."""
-    # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md).
+    arrays, so it prefers small tiles and the flash loop above them). ``precision``: fp32 dots.
+    ``head_loop``: small-DOM programs (and a single-level plan's) loop over all heads of their window,
+    sharing its index loads and masks, instead of one program per (window, head)."""
+    # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
+    multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=32, precision="tf32x3",
-                    merged=True)
-    return dict(levels=(16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4, block=64, precision="ieee",
-                merged=False)
+                    merged=True, head_loop=multi)
+    return dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4, block=64,
+                precision="ieee", merged=False, head_loop=multi)
 
 
-def _resolve(dtype, head_dim, backward=False, **config):
-    """(T_small or 0, T_big, num_warps, block, precision) for the forward or the backward launch."""
-    cfg = _default_config(dtype, head_dim)
+def _resolve(dtype, head_dim, n_heads, backward=False, **config):
+    """(T_small or 0, T_big, num_warps, block, precision, merged, head_loop) for the forward or the backward."""
+    cfg = _default_config(dtype, head_dim, n_heads)
     unknown = set(config) - set(cfg) - {"tile"}
     if unknown:
         raise TypeError(f"dom_fused: unknown config keys {sorted(unknown)}")
@@ -84,15 +87,19 @@ def _resolve(dtype, head_dim, backward=False, **config):
     if block < 16 or block & (block - 1):
         raise ValueError(f"dom_fused: block must be a power of two >= 16, got {block}")
     t_small = levels[0] if len(levels) == 2 else 0
-    return t_small, levels[-1], warps, block, cfg["precision"], bool(cfg["merged"])
+    return t_small, levels[-1], warps, block, cfg["precision"], bool(cfg["merged"]), bool(cfg["head_loop"])
 
 
-def _launches(n, t_small, t_big, n_heads, merged):
-    """[(role, grid)] in launch order; n_win_big (the merged kernel's split point) is cdiv(n, t_big)."""
+def _launches(n, t_small, t_big, n_heads, merged, snhl):
+    """[(role, grid)] in launch order; n_win_big (the merged kernel's split point) is cdiv(n, t_big).
+    Big-role programs do one head each; small-role programs (and a single-level plan's) ``snhl`` heads."""
+    spw = n_heads // snhl
     n_small, n_big = (triton.cdiv(n, t_small) if t_small else 0), triton.cdiv(n, t_big)
-    if not t_small or merged:
-        return [(0, ((n_big + n_small) * n_heads,))]
-    return [(2, (n_small * n_heads,)), (1, (n_big * n_heads,))]
+    if not t_small:
+        return [(0, (n_big * spw,))]
+    if merged:
+        return [(0, (n_big * n_heads + n_small * spw,))]
+    return [(2, (n_small * spw,)), (1, (n_big * n_heads,))]
 
 
 if HAVE_TRITON:
@@ -110,9 +117,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
-                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h,
+                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr):
+                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
+        """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
@@ -124,68 +132,74 @@ if HAVE_TRITON:
         own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
-            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
-            valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-            s = tl.where(valid, s, float("-inf"))
-            m = tl.max(s, axis=1)
-            p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-            l = tl.sum(p, axis=1)
-            p = p / tl.where(l > 0, l, 1.0)[:, None]
-            cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-            w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
-            a_idx = tl.arange(0, T)
-            out_d = d_lo + a_idx
-            sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
-            pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
-            pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
-            out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
-            st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
-            tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
-                     pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+            out_d = d_lo + tl.arange(0, T)
+            # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
+            # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
+            for hh in tl.static_range(NHL):
+                h = h0 + hh
+                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
+                valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+                s = tl.where(valid, s, float("-inf"))
+                m = tl.max(s, axis=1)
+                p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+                l = tl.sum(p, axis=1)
+                p = p / tl.where(l > 0, l, 1.0)[:, None]
+                cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+                w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
+                sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
+                pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
+                pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
+                out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+                st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+                tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
+                         pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
         # ---- the (at most one) large DOM starting in this window: flash loop --------------------
         if HAS_LARGE:
             d_big = d_hi - 1
             n_big = tl.load(CNT + d_big).to(tl.int32)
             if (d_hi > d_lo) & (n_big > T):
-                s0 = tl.load(CU + d_big).to(tl.int64)
-                bl = tl.arange(0, BL)
-                pooled_acc = tl.zeros([DH], dtype=tl.float32)
-                for qs in range(0, n_big, BL):
-                    qm = (qs + bl) < n_big
-                    qr = s0 + qs + bl
-                    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-                    l_i = tl.zeros([BL], dtype=tl.float32)
-                    acc = tl.zeros([BL, DH], dtype=tl.float32)
-                    for ks in range(0, n_big, BL):
-                        km = (ks + bl) < n_big
-                        kr = s0 + ks + bl
-                        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                        sb = tl.where(km[None, :], sb, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-                        alpha = tl.exp2(m_i - m_new)
-                        pb = tl.exp2(sb - m_new[:, None])
-                        l_i = l_i * alpha + tl.sum(pb, axis=1)
-                        acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
-                        m_i = m_new
-                    o = acc / l_i[:, None]
-                    pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
-                tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
-                         (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
+                for hh in range(NHL):  # heads one after another (NHL > 1 only for single-level plans)
+                    h = h0 + hh
+                    s0 = tl.load(CU + d_big).to(tl.int64)
+                    bl = tl.arange(0, BL)
+                    pooled_acc = tl.zeros([DH], dtype=tl.float32)
+                    for qs in range(0, n_big, BL):
+                        qm = (qs + bl) < n_big
+                        qr = s0 + qs + bl
+                        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                        m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
+                        l_i = tl.zeros([BL], dtype=tl.float32)
+                        acc = tl.zeros([BL, DH], dtype=tl.float32)
+                        for ks in range(0, n_big, BL):
+                            km = (ks + bl) < n_big
+                            kr = s0 + ks + bl
+                            kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                            sb = tl.where(km[None, :], sb, float("-inf"))
+                            m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+                            alpha = tl.exp2(m_i - m_new)
+                            pb = tl.exp2(sb - m_new[:, None])
+                            l_i = l_i * alpha + tl.sum(pb, axis=1)
+                            acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
+                            m_i = m_new
+                        o = acc / l_i[:, None]
+                        pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
+                    tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
+                             (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
 
     @triton.jit
     def _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
-                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, win, h,
+                   sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr):
-        """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1); LSE/DI: (N, H) fp32 scratch, row stride sx_n."""
+                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
+        """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1); LSE/DI: (N, H) fp32 scratch, row stride sx_n.
+        Window ``win``, heads ``h0 .. h0+NHL-1`` (index loads and masks shared by the heads)."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
@@ -197,163 +211,173 @@ if HAVE_TRITON:
         own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
-            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-            g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
-                        other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-            s = tl.where(valid, s, float("-inf"))
-            m = tl.max(s, axis=1)
-            p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-            l = tl.sum(p, axis=1)
-            p = p / tl.where(l > 0, l, 1.0)[:, None]
-            cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-            u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
-            di = tl.sum(p * u[None, :], axis=1)
-            ds = p * (u[None, :] - di[:, None])
-            dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * sm_scale
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * sm_scale
-            w = tl.sum(p, axis=0) / cntf
-            dv = w[:, None] * g
-            offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
-            tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
-            tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
-            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
+            for hh in tl.static_range(NHL):  # one head's order of operations, as in the forward
+                h = h0 + hh
+                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
+                            other=0.0).to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+                s = tl.where(valid, s, float("-inf"))
+                m = tl.max(s, axis=1)
+                p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+                l = tl.sum(p, axis=1)
+                p = p / tl.where(l > 0, l, 1.0)[:, None]
+                cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+                u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
+                di = tl.sum(p * u[None, :], axis=1)
+                ds = p * (u[None, :] - di[:, None])
+                dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * sm_scale
+                dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * sm_scale
+                w = tl.sum(p, axis=0) / cntf
+                dv = w[:, None] * g
+                offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
+                tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
+                tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
+                tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
 
         # ---- the large DOM of this window, if any ----------------------------------------------
         if HAS_LARGE:
             d_big = d_hi - 1
             n_big = tl.load(CNT + d_big).to(tl.int32)
             if (d_hi > d_lo) & (n_big > T):
-                s0 = tl.load(CU + d_big).to(tl.int64)
-                inv_n = 1.0 / n_big.to(tl.float32)
-                bl = tl.arange(0, BL)
-                gv = tl.load(G + d_big.to(tl.int64) * sg_d + h * sg_h + dcol).to(tl.float32)
-                # pass 1, query blocks outer: log-sum-exp and O (online), Di = g.O/n, then dQ.
-                for qs in range(0, n_big, BL):
-                    qm = (qs + bl) < n_big
-                    qr = s0 + qs + bl
-                    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-                    l_i = tl.zeros([BL], dtype=tl.float32)
-                    acc = tl.zeros([BL, DH], dtype=tl.float32)
-                    for ks in range(0, n_big, BL):
-                        km = (ks + bl) < n_big
-                        kr = s0 + ks + bl
-                        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                        sb = tl.where(km[None, :], sb, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-                        alpha = tl.exp2(m_i - m_new)
-                        pb = tl.exp2(sb - m_new[:, None])
-                        l_i = l_i * alpha + tl.sum(pb, axis=1)
-                        acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
-                        m_i = m_new
-                    lse = m_i + tl.log2(l_i)
-                    di_b = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
-                    dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
+                for hh in range(NHL):  # heads one after another (NHL > 1 only for single-level plans)
+                    h = h0 + hh
+                    s0 = tl.load(CU + d_big).to(tl.int64)
+                    inv_n = 1.0 / n_big.to(tl.float32)
+                    bl = tl.arange(0, BL)
+                    gv = tl.load(G + d_big.to(tl.int64) * sg_d + h * sg_h + dcol).to(tl.float32)
+                    # pass 1, query blocks outer: log-sum-exp and O (online), Di = g.O/n, then dQ.
+                    for qs in range(0, n_big, BL):
+                        qm = (qs + bl) < n_big
+                        qr = s0 + qs + bl
+                        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                        m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
+                        l_i = tl.zeros([BL], dtype=tl.float32)
+                        acc = tl.zeros([BL, DH], dtype=tl.float32)
+                        for ks in range(0, n_big, BL):
+                            km = (ks + bl) < n_big
+                            kr = s0 + ks + bl
+                            kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                            sb = tl.where(km[None, :], sb, float("-inf"))
+                            m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+                            alpha = tl.exp2(m_i - m_new)
+                            pb = tl.exp2(sb - m_new[:, None])
+                            l_i = l_i * alpha + tl.sum(pb, axis=1)
+                            acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
+                            m_i = m_new
+                        lse = m_i + tl.log2(l_i)
+                        di_b = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
+                        dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
+                        for ks in range(0, n_big, BL):
+                            km = (ks + bl) < n_big
+                            kr = s0 + ks + bl
+                            kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                            ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
+                            sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                            pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                            dsb = pb * (ub[None, :] - di_b[:, None])
+                            dq_acc += tl.dot(dsb.to(kb.dtype), kb, input_precision=PREC)
+                        tl.store(DQ + qr[:, None] * sd_n + h * sd_h + dcol[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
+                                 mask=qm[:, None])
+                        tl.store(LSE + qr * sx_n + h, lse, mask=qm)
+                        tl.store(DI + qr * sx_n + h, di_b, mask=qm)
+                    tl.debug_barrier()  # the scratch written above is read below by other threads of this program
+                    # pass 2, key blocks outer: dK = scale dS^T Q, dV_j = (colsum_j P / n) g.
                     for ks in range(0, n_big, BL):
                         km = (ks + bl) < n_big
                         kr = s0 + ks + bl
                         kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
                         vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
                         ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
-                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                        pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
-                        dsb = pb * (ub[None, :] - di_b[:, None])
-                        dq_acc += tl.dot(dsb.to(kb.dtype), kb, input_precision=PREC)
-                    tl.store(DQ + qr[:, None] * sd_n + h * sd_h + dcol[None, :], (dq_acc * sm_scale).to(DQ.dtype.element_ty),
-                             mask=qm[:, None])
-                    tl.store(LSE + qr * sx_n + h, lse, mask=qm)
-                    tl.store(DI + qr * sx_n + h, di_b, mask=qm)
-                tl.debug_barrier()  # the scratch written above is read below by other threads of this program
-                # pass 2, key blocks outer: dK = scale dS^T Q, dV_j = (colsum_j P / n) g.
-                for ks in range(0, n_big, BL):
-                    km = (ks + bl) < n_big
-                    kr = s0 + ks + bl
-                    kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
-                    dk_acc = tl.zeros([BL, DH], dtype=tl.float32)
-                    colp = tl.zeros([BL], dtype=tl.float32)
-                    for qs in range(0, n_big, BL):
-                        qm = (qs + bl) < n_big
-                        qr = s0 + qs + bl
-                        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                        lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
-                        di_b = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
-                        sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                        pb = tl.where(qm[:, None] & km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
-                        dsb = pb * (ub[None, :] - di_b[:, None])
-                        dk_acc += tl.dot(tl.trans(dsb).to(qb.dtype), qb, input_precision=PREC)
-                        colp += tl.sum(pb, axis=0)
-                    tl.store(DK + kr[:, None] * sd_n + h * sd_h + dcol[None, :], (dk_acc * sm_scale).to(DK.dtype.element_ty),
-                             mask=km[:, None])
-                    dvb = (colp * inv_n)[:, None] * gv[None, :]
-                    tl.store(DV + kr[:, None] * sd_n + h * sd_h + dcol[None, :], dvb.to(DV.dtype.element_ty),
-                             mask=km[:, None])
+                        dk_acc = tl.zeros([BL, DH], dtype=tl.float32)
+                        colp = tl.zeros([BL], dtype=tl.float32)
+                        for qs in range(0, n_big, BL):
+                            qm = (qs + bl) < n_big
+                            qr = s0 + qs + bl
+                            qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+                            lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
+                            di_b = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0, cache_modifier=".cg")
+                            sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+                            pb = tl.where(qm[:, None] & km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                            dsb = pb * (ub[None, :] - di_b[:, None])
+                            dk_acc += tl.dot(tl.trans(dsb).to(qb.dtype), qb, input_precision=PREC)
+                            colp += tl.sum(pb, axis=0)
+                        tl.store(DK + kr[:, None] * sd_n + h * sd_h + dcol[None, :], (dk_acc * sm_scale).to(DK.dtype.element_ty),
+                                 mask=km[:, None])
+                        dvb = (colp * inv_n)[:, None] * gv[None, :]
+                        tl.store(DV + kr[:, None] * sd_n + h * sd_h + dcol[None, :], dvb.to(DV.dtype.element_ty),
+                                 mask=km[:, None])
 
+
+    @triton.jit
+    def _program(pid, n_win_big, NH: tl.constexpr, SNHL: tl.constexpr, ROLE: tl.constexpr):
+        """(is_big_role, window, first head) of program ``pid``. Big-role programs do one head each (their
+        flash loops are the long ones: heads in parallel shorten the critical path); small-role programs do
+        SNHL heads each (1 or all), sharing the window's index loads and masks. A window's head-programs
+        are neighbours in the grid, so they share its rows in L2."""
+        SPW: tl.constexpr = NH // SNHL  # small-role programs per window
+        if ROLE == 1:
+            return True, pid // NH, pid % NH
+        elif ROLE == 2:
+            return False, pid // SPW, (pid % SPW) * SNHL
+        else:  # merged: big windows first (programs [0, n_win_big * NH)), then small windows
+            nb = n_win_big * NH
+            if pid < nb:
+                return True, pid // NH, pid % NH
+            return False, (pid - nb) // SPW, ((pid - nb) % SPW) * SNHL
 
     @triton.jit
     def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr):
+                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
-        launch, big windows first (programs [0, n_win_big)), so the long large-DOM programs overlap
-        the small ones; but the kernel then takes the register budget of the big role for all
-        programs. ROLE 2 / ROLE 1 run only the small / only the big role, one launch each."""
-        # the heads of one window are neighbours in the grid, so they share its rows in L2
-        pid = tl.program_id(0) // NH
-        h = tl.program_id(0) % NH
+        launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
+        then takes the register budget of the big role for all programs. ROLE 2 / ROLE 1 run only the
+        small / only the big role, one launch each. With T_SMALL == 0 there is one role (tiles of T_BIG
+        and the flash loop), one head per program unless SNHL says otherwise."""
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                       pid, h, 0, T_BIG, True, DH, BL, PREC)
-        elif ROLE == 1:  # big windows only (a launch of their own)
-            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                       pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
-        elif ROLE == 2:  # small windows only
-            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                       pid, h, 0, T_SMALL, False, DH, BL, PREC)
+                       tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
+                       0, T_BIG, True, DH, BL, PREC, SNHL)
         else:
-            if pid < n_win_big:
+            big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
+            if big:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
+                           win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1)
             else:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           pid - n_win_big, h, 0, T_SMALL, False, DH, BL, PREC)
+                           win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr):
-        """The backward with the same two roles as the forward."""
-        # the heads of one window are neighbours in the grid, so they share its rows in L2
-        pid = tl.program_id(0) // NH
-        h = tl.program_id(0) % NH
+                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr):
+        """The backward with the same roles and program layout as the forward."""
         if T_SMALL == 0:
             _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, 0, T_BIG, True, DH, BL, PREC)
-        elif ROLE == 1:
-            _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
-        elif ROLE == 2:
-            _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, 0, T_SMALL, False, DH, BL, PREC)
+                       sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale,
+                       tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
+                       0, T_BIG, True, DH, BL, PREC, SNHL)
         else:
-            if pid < n_win_big:
+            big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
+            if big:
                 _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid, h, T_SMALL, T_BIG, True, DH, BL, PREC)
+                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, win, h, T_SMALL, T_BIG, True, DH, BL,
+                           PREC, 1)
             else:
                 _bwd_level(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, pid - n_win_big, h, 0, T_SMALL, False,
-                           DH, BL, PREC)
+                           sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale, win, h, 0, T_SMALL, False, DH, BL,
+                           PREC, SNHL)
 
 
 def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
@@ -376,35 +400,38 @@ def _rowmajor(x):
 def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    t_small, t_big, warps, block, precision, merged = _resolve(q.dtype, q.shape[2], **config)
+    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
+    snhl = n_heads if head_loop else 1
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
     n_win_big = triton.cdiv(n, t_big)
-    for role, grid in _launches(n, t_small, t_big, n_heads, merged):
+    for role, grid in _launches(n, t_small, t_big, n_heads, merged, snhl):
         _fwd_kernel[grid](q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           out.stride(0), out.stride(1), scale * LOG2E, n_win_big,
                           T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block, PREC=precision, ROLE=role,
-                          num_warps=warps)
+                          SNHL=snhl, num_warps=warps)
     return out
 
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
-    t_small, t_big, warps, block, precision, merged = _resolve(q.dtype, q.shape[2], backward=True, **config)
+    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], backward=True,
+                                                                          **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
+    snhl = n_heads if head_loop else 1
     dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)
     n_win_big = triton.cdiv(n, t_big)
-    for role, grid in _launches(n, t_small, t_big, n_heads, merged):
+    for role, grid in _launches(n, t_small, t_big, n_heads, merged, snhl):
         _bwd_kernel[grid](q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           g.stride(0), g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E,
                           scale, n_win_big, T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, BL=block,
-                          PREC=precision, ROLE=role, num_warps=warps)
+                          PREC=precision, ROLE=role, SNHL=snhl, num_warps=warps)
     return dq, dk, dv
 
 

@@ -1,0 +1,128 @@
+"""Compile the dom_fused kernels for an H100 (sm_90) on a machine without a GPU, and report their resources.
+
+    PYTHONPATH=$PWD python scripts/compile_check.py [--arch 90] [--out DIR]
+
+Why: the GPU time of a session is scarce, and a Triton compile failure (a layout-pass error, a dot
+below Triton's minimum size) costs a whole device call to discover. Triton compiles ahead of time
+without a GPU: this script installs a stand-in driver that reports an sm_90 target, then runs the
+real ``fused_forward`` / ``fused_backward`` of every launch plan (per dtype, 1x128 and 8x16, with and
+without ``head_loop``) with ``warmup=True``, so each kernel is compiled with the same specialisation
+the GPU would give it and never launched. For each compiled kernel it prints registers, spills and
+shared memory, read from ``ptxas -v`` on the generated PTX (the ptxas bundled with Triton).
+
+Needs triton (the version of the GPU image: 3.6) and a CPU torch. Exit status 1 if any plan fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def install_fake_driver(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class FakeCudaDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(FakeCudaDriver())
+
+
+def force_warmup():
+    """Make ``kernel[grid](...)`` compile only (JITFunction.run with warmup=True), and record what compiled."""
+    from triton.runtime.jit import JITFunction
+
+    compiled = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kwargs, kernel))
+        return kernel
+
+    JITFunction.run = run
+    return compiled
+
+
+def ptxas_resources(kernel, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    return (f"regs {regs.group(1) if regs else '?'}, stack {stack.group(1) if stack else '?'} B, "
+            f"spill st/ld {spill.group(1) + '/' + spill.group(2) if spill else '?'} B, "
+            f"shared {kernel.metadata.shared} B")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--no-ptxas", action="store_true", help="skip the register report")
+    args = ap.parse_args(argv)
+    install_fake_driver(args.arch)
+    compiled = force_warmup()
+    from iceaggr_lib.backends import dom_fused
+    from iceaggr_lib.testing import batch_from_dom_sizes
+
+    batch = batch_from_dom_sizes([1, 2, 3, 70, 1, 20], seed=0)
+    failures = 0
+    for dtype, (heads, dh), head_loop in itertools.product((torch.bfloat16, torch.float32), ((1, 128), (8, 16)),
+                                                          (False, True)):
+        if head_loop and heads == 1:
+            continue
+        q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
+        cfg = dict(head_loop=head_loop)
+        name = f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}"
+        for way in ("forward", "backward"):
+            compiled.clear()
+            try:
+                if way == "forward":
+                    dom_fused.fused_forward(q, q, q, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                            dh ** -0.5, **cfg)
+                else:
+                    g = torch.randn(batch.n_doms, heads, dh).to(dtype)
+                    dom_fused.fused_backward(g, q, q, q, batch.cu_seqlens, batch.pulse_to_dom_idx,
+                                             batch.dom_pulse_counts, dh ** -0.5, **cfg)
+            except Exception as e:  # report and carry on with the other plans
+                failures += 1
+                msg = str(e).strip().splitlines()
+                print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+                continue
+            for fn_name, kw, kernel in compiled:
+                role = {0: "merged", 1: "big", 2: "small"}[kw["ROLE"]]
+                res = "" if args.no_ptxas else ptxas_resources(kernel, args.arch)
+                print(f"{name} {way:<8} {role:<6} T=({kw['T_SMALL']},{kw['T_BIG']}) warps {kw['num_warps']}: ok  {res}",
+                      flush=True)
+    print(f"compile_check: {failures} plan(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

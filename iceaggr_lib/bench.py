@@ -16,8 +16,11 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
 * ``first_call_ms``: the very first call (compilation included), wall clock, kept out of the median.
 * Then one warm-up call on each rotated batch (new shapes compile here), then the timed calls,
   cycling through the batches: ``median_ms``, ``p20_ms``, ``p80_ms`` over all of them.
-  GPU: CUDA events around each call, the L2 cache flushed before each (as triton.testing.do_bench
-  does). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; quantiles over its blocks.
+  GPU: CUDA events around each call, the L2 cache flushed before each, calls issued back to back with
+  no host synchronisation between them (as triton.testing.do_bench does): a step's time is its GPU
+  time where the GPU is the busier side, and includes the host's dispatch time where the host is (a
+  training loop overlaps the two the same way). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``;
+  quantiles over its blocks.
 * ``prep_ms``: ``prepare`` alone, timed the same way.
 * ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during the warm-up pass over the rotated
   batches, minus what was allocated before it (the inputs): the memory the step itself needs. NaN on
@@ -189,7 +192,9 @@ def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, 
     """Per-call times in ms of ``fn`` (already warm).
 
     CUDA: ``n_calls`` calls, each between two CUDA events, the L2 cache flushed (a 256 MB write)
-    and the device synchronised before each. CPU: ``torch.utils.benchmark.Timer.blocked_autorange``
+    before each, issued back to back (no host synchronisation inside the loop, as in do_bench; a
+    host-bound step still shows its host time, since its start event waits for nothing while its
+    kernels are not yet issued). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``
     run for about ``n_calls`` calls (at least 50 ms, at most ``max_run_s``); one time per block.
     """
     if device.type == "cuda":
@@ -198,9 +203,9 @@ def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, 
             flush = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
+        torch.cuda.synchronize(device)
         for i in range(n_calls):
             flush.zero_()
-            torch.cuda.synchronize(device)
             starts[i].record()
             fn()
             ends[i].record()

@@ -28,7 +28,7 @@ REPORT_DIR=${REPORT_DIR:-reports/h100}
 if python3 -c "import papermill, nbconvert, ipykernel" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the notebook stack is already there
 else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "device_report: installing the wheels from .whl failed (was .whl carried?)"; exit 2; }
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter
 fi

@@ -12,7 +12,8 @@
 A GPU grid too long for one 10-minute device call can be run in parts, each into its own folder
 (``--dtypes bfloat16 --out reports/h100_bf16``, then ``--dtypes float32 --out reports/h100_fp32``), and
 the report drawn over both: ``--notebooks 03_report --results-dirs reports/h100_bf16 reports/h100_fp32
---out reports/h100``.
+--out reports/h100``; the parts' rows are then also written merged to ``--out``'s benchmark.csv and
+environment.json.
 
 A failing notebook still leaves its executed copy (with the error in the failing cell) and its HTML,
 the later notebooks still run (the report on whatever rows the benchmark finished), and the command
@@ -118,6 +119,20 @@ def render_html(notebook: Path) -> Path:
     return html
 
 
+def write_merged(results_dirs, out: Path) -> None:
+    """``benchmark.csv`` and ``environment.json`` in ``out``: the parts' rows concatenated (a grid point
+    measured twice is an error, see ``results.load``) and the first part's environment with ``merged_from``."""
+    import json
+
+    from iceaggr_lib import results
+    from iceaggr_lib.bench import CSV_COLUMNS
+
+    df, env = results.load([Path(d) for d in results_dirs])
+    df[CSV_COLUMNS].to_csv(out / "benchmark.csv", index=False)
+    (out / "environment.json").write_text(json.dumps(env, indent=1, default=str))
+    print(f"report: merged {len(df)} rows of {len(results_dirs)} parts into {out / 'benchmark.csv'}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +183,8 @@ def main(argv=None) -> int:
     for name in args.notebooks:  # never let a report show an earlier run's numbers
         for stale in ARTEFACTS[name]:
             (out / stale).unlink(missing_ok=True)
+    if args.results_dirs:  # one merged benchmark.csv / environment.json beside the report, for outside tools
+        write_merged(args.results_dirs, out)
     failed = []
     for name in args.notebooks:
         if name == "03_report" and not args.results_dirs and not (out / "benchmark.csv").exists():

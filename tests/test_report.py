@@ -195,6 +195,10 @@ def test_load_merges_parts_of_one_grid(tmp_path):
 
 
 def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
+    for name, dtype in (("a", "bfloat16"), ("b", "float32")):
+        (tmp_path / name).mkdir()
+        table([row("padded", 4, 1.0, dtype=dtype)]).to_csv(tmp_path / name / "benchmark.csv", index=False)
+        (tmp_path / name / "environment.json").write_text(json.dumps(dict(ENV, device_name=f"GPU {name}")))
     calls = []
     monkeypatch.setattr(report, "run_notebook", lambda name, out_dir, parameters, kernel_name="python3":
                         calls.append((name, parameters)) or None)
@@ -203,3 +207,7 @@ def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
     assert code == 0
     assert calls == [("03_report", {"results_dir": [str(tmp_path / "a"), str(tmp_path / "b")],
                                     "out_dir": str(tmp_path / "out")})]
+    merged = results.read_results(tmp_path / "out" / "benchmark.csv")  # the parts' rows, for outside tools
+    assert list(merged.columns) == CSV_COLUMNS and list(merged["dtype"]) == ["bfloat16", "float32"]
+    env = json.loads((tmp_path / "out" / "environment.json").read_text())
+    assert [m["device_name"] for m in env["merged_from"]] == ["GPU a", "GPU b"]

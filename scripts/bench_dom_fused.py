@@ -220,9 +220,10 @@ def main():
         if args.sweep and dtype == torch.float32:
             if ev in args.sweep_events:
                 variants.append(("dom_fused{(16,),tf32x3}", dict(levels=(16,), precision="tf32x3")))
-            if h == 1:  # the bf16 plan (two forward launches, single-level backward) in fp32
-                variants.append(("dom_fused{bf16 plan}", dict(levels=(16, 64), bwd_levels=(16,), merged=False,
-                                                              block=64)))
+            if h == 1:  # the fp32 kernels spill (scripts/compile_check.py): separate launches, 8 warps
+                variants.append(("dom_fused{fp32 unmerged}", dict(merged=False)))
+                variants.append(("dom_fused{fp32 unmerged, 8 warps}", dict(merged=False, num_warps=8)))
+                variants.append(("dom_fused{fp32 8 warps}", dict(num_warps=8, bwd_num_warps=8)))
         for name, cfg in variants:
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:

@@ -93,13 +93,13 @@ def main(argv=None) -> int:
 
     batch = batch_from_dom_sizes([1, 2, 3, 70, 1, 20], seed=0)
     failures = 0
-    for dtype, (heads, dh), head_loop in itertools.product((torch.bfloat16, torch.float32), ((1, 128), (8, 16)),
-                                                          (False, True)):
-        if head_loop and heads == 1:
+    for dtype, (heads, dh), head_loop, merged in itertools.product(
+            (torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (False, True), (None, True)):
+        if (head_loop and heads == 1) or (merged and dtype == torch.float32):  # fp32 is merged by default
             continue
         q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
-        cfg = dict(head_loop=head_loop)
-        name = f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}"
+        cfg = dict(head_loop=head_loop, merged=merged)
+        name = f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}{' merged' if merged else ''}"
         for way in ("forward", "backward"):
             compiled.clear()
             try:

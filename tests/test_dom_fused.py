@@ -118,6 +118,19 @@ def test_registry_entry_cuda():
     assert rel_err(out, ref) <= TOLERANCE[torch.float32]
 
 
+def test_launch_plan_merges_small_bf16_batches():
+    """bf16 forward: one launch below merge_below_pulses (host-bound), two above; fp32 always one."""
+    merged = lambda dtype, heads, n, **cfg: dom_fused._resolve(dtype, 128 // heads, heads, n, **cfg)[5]
+    assert merged(torch.bfloat16, 1, 10_000) and not merged(torch.bfloat16, 1, 200_000)
+    assert merged(torch.bfloat16, 8, 300_000) and not merged(torch.bfloat16, 8, 600_000)
+    assert merged(torch.float32, 1, 10**6) and merged(torch.float32, 8, 10)
+    assert not merged(torch.bfloat16, 1, 10, merged=False) and merged(torch.bfloat16, 1, 10**6, merged=True)
+    with pytest.raises(ValueError, match="merged"):
+        merged(torch.bfloat16, 1, 10, merged="sometimes")
+    with pytest.raises(TypeError, match="unknown config"):
+        merged(torch.bfloat16, 1, 10, tiles=3)
+
+
 def test_spec_refuses_cpu():
     spec = get_backend("dom_fused")
     with pytest.raises(UnsupportedError, match="dom_fused"):

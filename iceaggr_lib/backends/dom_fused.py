@@ -63,17 +63,22 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     loop of ``block``-row blocks. ``bwd_levels`` the same for the backward (its tiles hold more live
     arrays, so it prefers small tiles and the flash loop above them). ``precision``: fp32 dots.
     ``head_loop``: small-DOM programs (and a single-level plan's) loop over all heads of their window,
-    sharing its index loads and masks, instead of one program per (window, head)."""
+    sharing its index loads and masks, instead of one program per (window, head). ``merged``: both tile
+    levels in one launch (less host dispatch) or two (less GPU time); "auto" merges below
+    ``merge_below_pulses`` pulses, where a stream of calls is bound by host dispatch."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, block=32, precision="tf32x3",
-                    merged=True, head_loop=multi)
+                    merged=True, merge_below_pulses=0, head_loop=multi)
+    # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
+    # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
+    # two win at 565k (1.857 vs 2.300).
     return dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4, block=64,
-                precision="ieee", merged=False, head_loop=multi)
+                precision="ieee", merged="auto", merge_below_pulses=400_000 if multi else 64_000, head_loop=multi)
 
 
-def _resolve(dtype, head_dim, n_heads, backward=False, **config):
+def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config):
     """(T_small or 0, T_big, num_warps, block, precision, merged, head_loop) for the forward or the backward."""
     cfg = _default_config(dtype, head_dim, n_heads)
     unknown = set(config) - set(cfg) - {"tile"}
@@ -90,7 +95,12 @@ def _resolve(dtype, head_dim, n_heads, backward=False, **config):
     if block < 16 or block & (block - 1):
         raise ValueError(f"dom_fused: block must be a power of two >= 16, got {block}")
     t_small = levels[0] if len(levels) == 2 else 0
-    return t_small, levels[-1], warps, block, cfg["precision"], bool(cfg["merged"]), bool(cfg["head_loop"])
+    merged = cfg["merged"]
+    if merged == "auto":
+        merged = n_pulses < cfg["merge_below_pulses"]
+    elif not isinstance(merged, bool):
+        raise ValueError(f"dom_fused: merged must be True, False or 'auto', got {merged!r}")
+    return t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"])
 
 
 def _launches(n, t_small, t_big, n_heads, merged, snhl):
@@ -403,7 +413,8 @@ def _rowmajor(x):
 def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], **config)
+    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0],
+                                                                          **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
     snhl = n_heads if head_loop else 1
@@ -420,8 +431,8 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
-    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], backward=True,
-                                                                          **config)
+    t_small, t_big, warps, block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0],
+                                                                          backward=True, **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
     snhl = n_heads if head_loop else 1

@@ -4,11 +4,14 @@
 #   device run, carry [".whl"], command:
 #     bash scripts/device_report.sh                 # the GPU grid (iceaggr_lib/report.py), bounded to 390 s
 #     bash scripts/device_report.sh --batch-sizes 4 1024 --repeats 5 --time-limit-s 60   # a smoke run
-#   a grid too long for one call, in two calls, then the report over both here (no GPU needed):
-#     REPORT_DIR=reports/h100_bf16 bash scripts/device_report.sh --dtypes bfloat16
-#     REPORT_DIR=reports/h100_fp32 bash scripts/device_report.sh --dtypes float32 --notebooks 02_benchmark
-#     .venv/bin/python -m iceaggr_lib.report --notebooks 03_report \
-#         --results-dirs reports/h100_bf16 reports/h100_fp32 --out reports/h100
+#   the full grid is too long for one 10-minute call: reports/h100 was made in 4 parts (~190 s each,
+#   two parts per call), only the benchmark notebook on the GPU, the rest here (no GPU needed):
+#     REPORT_DIR=reports/h100_bf16_h1 bash scripts/device_report.sh --dtypes bfloat16 --n-heads 1 \
+#         --notebooks 02_benchmark --no-html --time-limit-s 250        # likewise bf16 8, float32 1, float32 8
+#   here, for each part: mkdir -p reports/h100/parts && tar xzf FILES_AT/h100_report.tar.gz -C /tmp \
+#         && mv /tmp/h100_bf16_h1 reports/h100/parts/bf16_h1
+#     .venv/bin/python -m iceaggr_lib.report --notebooks 01_sparsity 03_report \
+#         --results-dirs reports/h100/parts/* --out reports/h100
 #
 # .whl holds the notebook stack as wheels (papermill, ipykernel, nbconvert, nbval, ...):
 #   cp -r ../shared/device-wheels .whl     (git-ignored; see /work/shared/device-wheels/README.md)

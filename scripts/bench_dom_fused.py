@@ -207,23 +207,10 @@ def main():
                 "max_dom": b.max_dom_pulses, "floor_fwd_ms_3TBs": f3, "floor_fwd_ms_measured_bw": fbw,
                 "floor_fb_ms_3TBs": fb3}
         variants = [("dom_fused", {})]
-        if args.sweep and ev in args.sweep_events and dtype == torch.bfloat16 and h == 1:
-            for cfg in (dict(levels=(16,)), dict(levels=(16, 32)), dict(levels=(8, 32)),
-                        dict(bwd_levels=(16, 64)), dict(bwd_levels=(8, 8)), dict(bwd_levels=(32, 32)),
-                        dict(num_warps=8, bwd_num_warps=8)):
-                variants.append((f"dom_fused{cfg}", cfg))
-        if args.sweep and h > 1:  # small-DOM programs looping over the heads (shared index loads and masks)
-            variants.append(("dom_fused{head_loop}", dict(head_loop=True)))
-            variants.append(("dom_fused{head_loop,fwd(16,32)}", dict(head_loop=True, levels=(16, 32))))
-            if dtype != torch.float32:
-                variants.append(("dom_fused{head_loop,bwd(16,32)}", dict(head_loop=True, bwd_levels=(16, 32))))
-        if args.sweep and dtype == torch.float32:
-            if ev in args.sweep_events:
-                variants.append(("dom_fused{(16,),tf32x3}", dict(levels=(16,), precision="tf32x3")))
-            if h == 1:  # the fp32 kernels spill (scripts/compile_check.py): separate launches, 8 warps
-                variants.append(("dom_fused{fp32 unmerged}", dict(merged=False)))
-                variants.append(("dom_fused{fp32 unmerged, 8 warps}", dict(merged=False, num_warps=8)))
-                variants.append(("dom_fused{fp32 8 warps}", dict(num_warps=8, bwd_num_warps=8)))
+        if args.sweep and ev in args.sweep_events:  # run 11: launches side by side on two streams, or not
+            variants.append(("dom_fused{concurrent=False}", dict(concurrent=False)))
+            if h > 1 and dtype != torch.float32:
+                variants.append(("dom_fused{num_stages=None}", dict(num_stages=None)))
         for name, cfg in variants:
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:

@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     install_fake_driver(args.arch)
     compiled = force_warmup()
+    from iceaggr_lib.backends import triton_launch
+    triton_launch.ENABLED = False  # every launch through JITFunction.run (patched above to compile only)
     from iceaggr_lib.backends import dom_fused
     from iceaggr_lib.testing import batch_from_dom_sizes
 
@@ -116,10 +118,12 @@ def main(argv=None) -> int:
                 print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
                 continue
             for fn_name, kw, kernel in compiled:
-                role = {0: "merged", 1: "big", 2: "small"}[kw["ROLE"]]
+                if "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
+                    role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"
+                else:
+                    role, tiles = {0: "merged", 1: "big", 2: "small"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"
                 res = "" if args.no_ptxas else ptxas_resources(kernel, args.arch)
-                print(f"{name} {way:<8} {role:<6} T=({kw['T_SMALL']},{kw['T_BIG']}) warps {kw['num_warps']}: ok  {res}",
-                      flush=True)
+                print(f"{name} {way:<8} {role:<6} {tiles} warps {kw['num_warps']}: ok  {res}", flush=True)
     print(f"compile_check: {failures} plan(s) failed")
     return 1 if failures else 0
 

@@ -1,19 +1,27 @@
 """How much of a dom_fused call is host dispatch? Host time per call, layer by layer, on a GPU.
 
-    PYTHONPATH=$PWD python3 scripts/host_dispatch.py
+    PYTHONPATH=$PWD python3 scripts/host_dispatch.py [--grid-csv DIR]
 
-For a 4-event and a 1,024-event batch of the sample generator (bf16, 1x128 and 8x16) it times, with a
-host clock over 300 back-to-back calls and one synchronisation at the end, (1) the registry call the
-benchmark grid makes (``dom_attention``), (2) ``dom_fused_attention`` (autograd.Function), (3)
-``fused_forward`` (plain launches), each under ``torch.no_grad``, and the GPU time of the same call
-(``triton.testing.do_bench``). When the host time per call exceeds the GPU time, a stream of such calls
-is host-bound, whatever the kernel does.
+1. For a 4-event and a 1,024-event batch of the sample generator (bf16, 1x128 and 8x16) it times, with a
+   host clock over 300 back-to-back calls and one synchronisation at the end, (a) the registry call the
+   benchmark grid makes (``dom_attention``), (b) ``dom_fused_attention``, (c) ``fused_forward`` (the
+   launches) through ``FastLaunch`` and (d) the same with ``triton_launch.ENABLED = False`` (Triton's own
+   ``kernel[grid](...)``), each under ``torch.no_grad``; (e) the GPU time of the kernels alone, from
+   ``torch.profiler`` (CUPTI kernel durations, which no host delay inflates), and (f) do_bench's median.
+   When the host time per call exceeds the GPU time, a stream of such calls is host-bound.
+2. ``--grid-csv DIR``: the workbook's own harness (``iceaggr_lib.bench.run_grid``, timed as the grid is)
+   on the embedded sample for dom_fused, bf16 1x128, both modes: launches on two streams or one, and
+   Triton's own launch path (``grid_ab``), one CSV per variant in DIR.
+3. ``--launch-times``: the GPU time of each launch of one call (``launch_times``).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -29,32 +37,132 @@ def host_us(fn, n=300):
     return host
 
 
-def main():
+def kernel_us(fn, n=30):
+    """Mean summed CUDA-kernel time per call (µs), from the profiler's device-side records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages() if e.key.startswith(("_fwd_kernel", "_bwd_")))
+    return total / n
+
+
+def dispatch_table():
     import triton.testing
 
-    from iceaggr_lib.backends import dom_attention
+    from iceaggr_lib.backends import dom_attention, triton_launch
     from iceaggr_lib.backends.dom_fused import dom_fused_attention, fused_forward
     from iceaggr_lib.data.sample import generate_table
 
     table = generate_table(1024, seed=0)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    print(f"{'batch':>6} {'heads':>6} {'registry':>10} {'autograd.Fn':>12} {'launches':>10} {'GPU (do_bench)':>15}  [µs per call]")
+    print(f"{'batch':>6} {'heads':>6} {'registry':>9} {'autograd':>9} {'fast':>7} {'plain':>7} {'kernels':>8} "
+          f"{'do_bench':>9}  [µs per call, forward, bf16]")
     for events in (4, 1024):
         b = table.batch(0, events).to("cuda")
         for h in (1, 8):
             dh = 128 // h
             q, k, v = (torch.randn(b.n_pulses, h, dh, device="cuda").to(torch.bfloat16) for _ in range(3))
             cu, dom, cnt = b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts
+            launches = lambda: fused_forward(q, k, v, cu, dom, cnt, dh ** -0.5)
             calls = {
                 "registry": lambda: dom_attention(q, k, v, b, backend="dom_fused"),
                 "autograd": lambda: dom_fused_attention(q, k, v, cu, dom, cnt, dh ** -0.5),
-                "launches": lambda: fused_forward(q, k, v, cu, dom, cnt, dh ** -0.5),
+                "fast": launches,
             }
             with torch.no_grad():
                 res = {name: host_us(fn) for name, fn in calls.items()}
-                gpu = triton.testing.do_bench(calls["launches"], warmup=25, rep=100, return_mode="median") * 1e3
-            print(f"{events:>6} {h:>6} {res['registry']:>10.1f} {res['autograd']:>12.1f} {res['launches']:>10.1f} "
-                  f"{gpu:>15.1f}")
+                triton_launch.ENABLED = False
+                res["plain"] = host_us(launches)
+                triton_launch.ENABLED = True
+                res["kernels"] = kernel_us(launches)
+                res["do_bench"] = triton.testing.do_bench(launches, warmup=25, rep=100, return_mode="median") * 1e3
+            print(f"{events:>6} {h:>6} " + " ".join(f"{res[c]:>{w}.1f}" for c, w in (
+                ("registry", 9), ("autograd", 9), ("fast", 7), ("plain", 7), ("kernels", 8), ("do_bench", 9))),
+                flush=True)
+
+
+def launch_times():
+    """GPU time of each launch of one call (forward, then forward + backward), in launch order, from the
+    profiler's kernel records: shows which launch (small tiles, big tiles, large-DOM passes) bounds a call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from iceaggr_lib.backends.dom_fused import dom_fused_attention
+    from iceaggr_lib.data.sample import generate_table
+    from iceaggr_lib.testing import batch_from_dom_sizes
+
+    table = generate_table(4096, seed=0)
+    for events, dtype, h in ((4, torch.bfloat16, 1), (1024, torch.bfloat16, 1), (4096, torch.bfloat16, 1),
+                             (1024, torch.float32, 1), (1024, torch.bfloat16, 8), (-1024, torch.bfloat16, 1)):
+        b = table.batch(0, abs(events))
+        if events < 0:  # the same pulses with every DOM above 64 pulses cut into DOMs of <= 64: no large DOMs
+            sizes = np.concatenate([[64] * (n // 64) + ([n % 64] if n % 64 else []) if n > 64 else [n]
+                                    for n in b.dom_pulse_counts.tolist()]).astype(np.int64)
+            b = batch_from_dom_sizes(sizes, seed=0)
+        b = b.to("cuda")
+        dh = 128 // h
+        q, k, v = (torch.randn(b.n_pulses, h, dh, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+        g = torch.randn(b.n_doms, h, dh, device="cuda").to(dtype)
+        call = lambda: torch.autograd.grad(dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx,
+                                                               b.dom_pulse_counts), (q, k, v), g)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                   if e.name.startswith(("_fwd_kernel", "_bwd_")) and e.device_type.name == "CUDA"]
+        per_call = len(kernels) // 5
+        times = np.array([t for _, t in kernels]).reshape(5, per_call)
+        names = [n.split("_kernel")[0].lstrip("_") for n, _ in kernels[:per_call]]
+        print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} max DOM {b.max_dom_pulses:>3}: "
+              + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, np.median(times, axis=0)))
+              + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)
+
+
+def grid_ab(out_dir: Path):
+    """The workbook's harness (timed as the grid is) on the embedded sample, bf16 1x128, dom_fused with its
+    independent launches on two streams ("auto", the default), or all on one (``concurrent=False``), or only
+    the backward's on one; then with Triton's own launch path instead of FastLaunch."""
+    import functools
+
+    from iceaggr_lib import bench
+    from iceaggr_lib.backends import dom_fused, triton_launch
+    from iceaggr_lib.report import ensure_sample
+
+    dataset = bench.open_dataset(ensure_sample())
+    cfg = bench.BenchConfig(backends=["dom_fused"], dtypes=["bfloat16"], batch_sizes=[16, 256, 1024, 4096],
+                            n_heads=[1], repeats=40)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    original = dom_fused.dom_fused_attention
+    variants = {"default": {}, "one_stream": dict(concurrent=False, bwd_concurrent=False),
+                "bwd_one_stream": dict(bwd_concurrent=False), "plain_launch": {}}
+    for name, config in variants.items():
+        dom_fused.dom_fused_attention = functools.partial(original, **config)
+        triton_launch.ENABLED = name != "plain_launch"
+        rows = bench.run_grid(dataset, cfg, out_dir / f"{name}.csv", progress=False)
+        piv = rows.pivot_table(index=["batch_size"], columns="mode", values="median_ms")
+        print(f"--- grid timing, {name} {config} (median ms)\n{piv.round(4).to_string()}", flush=True)
+    dom_fused.dom_fused_attention = original
+    triton_launch.ENABLED = True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid-csv", type=Path, help="also run the harness A/B (streams, launch path) into this folder")
+    ap.add_argument("--launch-times", action="store_true", help="only the GPU time of each launch of a call")
+    args = ap.parse_args()
+    if args.launch_times:
+        return launch_times()
+    dispatch_table()
+    if args.grid_csv:
+        grid_ab(args.grid_csv)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,31 @@ def test_registry_entry_cuda():
     assert rel_err(out, ref) <= TOLERANCE[torch.float32]
 
 
+@needs_cuda
+def test_fast_launch_matches_plain_launch_cuda():
+    """Repeated calls go through FastLaunch's direct path, with results equal to Triton's own launch, also
+    when the specialisation changes (an odd pulse count, a misaligned view of q) between calls."""
+    from iceaggr_lib.backends import triton_launch
+
+    for sizes, offset in (([1, 3, 70, 1, 20] * 40, 0), ([1, 3, 70, 1, 20] * 40 + [1], 1)):
+        batch = batch_from_dom_sizes(sizes, seed=3).to("cuda")
+        n = batch.n_pulses
+        base = torch.randn(n * 128 + offset, device="cuda").to(torch.bfloat16)
+        q = base[offset:].view(n, 1, 128)  # offset 1: not 16-byte aligned, another specialisation
+        k, v = (torch.randn(n, 1, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
+        args = (q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts, 128 ** -0.5)
+        try:
+            triton_launch.ENABLED = False
+            plain = dom_fused.fused_forward(*args)
+        finally:
+            triton_launch.ENABLED = True
+        before = dom_fused._FWD.fast_launches
+        fast = [dom_fused.fused_forward(*args) for _ in range(3)]
+        assert dom_fused._FWD.fast_launches > before
+        for out in fast:
+            assert torch.equal(out, plain)
+
+
 def test_launch_plan_merges_small_bf16_batches():
     """bf16 forward: one launch below merge_below_pulses (host-bound), two above; fp32 always one."""
     merged = lambda dtype, heads, n, **cfg: dom_fused._resolve(dtype, 128 // heads, heads, n, **cfg)[5]
@@ -129,6 +154,15 @@ def test_launch_plan_merges_small_bf16_batches():
         merged(torch.bfloat16, 1, 10, merged="sometimes")
     with pytest.raises(TypeError, match="unknown config"):
         merged(torch.bfloat16, 1, 10, tiles=3)
+
+
+def test_side_stream_setting():
+    """Launches go side by side on two streams only on CUDA and, under "auto", from CONCURRENT_ABOVE_PULSES."""
+    few, many = torch.empty(10, 1, 16), torch.empty(dom_fused.CONCURRENT_ABOVE_PULSES, 1, 16)
+    assert not dom_fused._side_stream("auto", few) and not dom_fused._side_stream(True, few)  # CPU tensors
+    assert not dom_fused._side_stream("auto", many) or many.is_cuda
+    with pytest.raises(ValueError, match="concurrent"):
+        dom_fused._side_stream("yes", few)
 
 
 def test_spec_refuses_cpu():

@@ -5,7 +5,11 @@ How it works
 The batch is cut into row windows of ``T`` pulses; program ``(t, h)`` owns every DOM whose *first*
 row lies in window ``[t*T, (t+1)*T)`` (so each DOM has exactly one owner) and does head ``h`` of it.
 It finds that work itself from ``pulse_to_dom_idx`` and ``cu_seqlens``: no per-batch preparation,
-no host synchronisation, one or two launches each way (``_default_config``: tile levels per dtype).
+no host synchronisation (``_default_config``: tile levels per dtype). Forward: one or two launches;
+backward: one or two for the tiles plus two for the large DOMs. Launches go through
+``triton_launch.FastLaunch`` (Triton's own launch less its host overhead), and independent ones run side
+by side on two streams from ``CONCURRENT_ABOVE_PULSES`` pulses (``triton_launch.run_concurrently``), so
+the few long programs of a launch do not leave the GPU idle.
 
 * Small DOMs (``n <= T`` pulses; ~all of them on IceCube data) that start in the window end inside
   ``[t*T, t*T + 2T)``, so one masked ``2T x 2T`` tile holds all of them: scores ``Q K^T``, a
@@ -29,8 +33,12 @@ Backward (``g`` = dL/d out, per DOM): every pulse of DOM ``d`` gets ``dO_i = g_d
 ``dP_ij = u_j = g_d . v_j / n_d`` (a scalar per key), ``Di = sum_j P_ij u_j``,
 ``dS = P * (u_j - Di)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dV_j = w_j g_d``. In the
 small tile each program owns its rows exclusively: no atomics, no zero-initialisation, every row of
-dq/dk/dv written exactly once. Large DOMs recompute the softmax (log-sum-exp and ``Di`` per row go
-through an ``(N, H)`` fp32 scratch between the query-block and the key-block passes).
+dq/dk/dv written exactly once. Large DOMs (n > the top tile level) are not one program's work: in
+``_bwd_large_kernel`` every window of ``BL`` rows takes its own rows of the (few) large DOMs it meets,
+as query rows in pass 1 (softmax recomputed by an online sweep over the DOM's keys: log-sum-exp, O,
+``Di = g.O/n``, then dQ) and as key rows in pass 2, the next launch (dK and dV, reading log-sum-exp and
+``Di`` of the DOM's query rows from an ``(N, H)`` fp32 scratch). A 400-pulse DOM's backward is thus
+spread over 7 programs instead of one serial loop of ~150 block steps.
 
 Precision: accumulation is fp32; bf16/fp16 feed the tensor cores directly. fp32 must not use plain
 tf32 (it would miss the 1e-5 tolerance): the fp32 default is ``input_precision="tf32x3"`` (three

@@ -15,7 +15,9 @@ would have chosen.
 
 The plain path is used whenever the fast one cannot be trusted: under ``TRITON_INTERPRET`` (the kernel
 is an interpreter function), when launch hooks are registered (a profiler such as proton wants them
-called), or with a Triton whose internals differ from the 3.x ones used here (checked once).
+called), or with a Triton whose internals differ from the 3.x ones used here (checked once). Not in the
+key: Triton's compile options from the environment (``TRITON_DEBUG``, instrumentation); change those
+before the first launch of a process, or set ``ENABLED = False``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def _fast_path_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is registered: Triton 3.6 keeps a HookChain (its ``calls`` list), older 3.x None or a function."""
+    return bool(getattr(hook, "calls", hook))
 
 
 def _current_stream(device: int) -> int:
@@ -80,8 +87,8 @@ class FastLaunch:
         """The specialisation key of ``args`` (what JITFunction's binder computes: is_const False, specialise
         and align True, as for every parameter of our kernels), or None when the plain path is to be taken.
         Launches that share their runtime arguments can share it (``dom_fused``'s two tile levels do)."""
-        if not ENABLED or not self._usable() or self._knobs.runtime.launch_enter_hook.calls \
-                or self._knobs.runtime.launch_exit_hook.calls:
+        if not ENABLED or not self._usable() or _hooked(self._knobs.runtime.launch_enter_hook) \
+                or _hooked(self._knobs.runtime.launch_exit_hook):
             return None
         device = torch.cuda.current_device()
         backend = self.jit_fn.device_caches[device][3]  # the backend object the JIT binder specialises with

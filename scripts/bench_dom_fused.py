@@ -211,6 +211,8 @@ def main():
             variants.append(("dom_fused{concurrent=False}", dict(concurrent=False)))
             if h > 1 and dtype != torch.float32:
                 variants.append(("dom_fused{num_stages=None}", dict(num_stages=None)))
+            if h > 1:  # the heads as the batch axis of 3-D dots in the small-DOM tiles (not measured yet)
+                variants.append(("dom_fused{head_batch}", dict(head_batch=True)))
         for name, cfg in variants:
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:

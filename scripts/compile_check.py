@@ -95,14 +95,17 @@ def main(argv=None) -> int:
 
     batch = batch_from_dom_sizes([1, 2, 3, 70, 1, 20], seed=0)
     failures = 0
-    for dtype, (heads, dh), head_loop, merged in itertools.product(
-            (torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (False, True), (None, True)):
-        if (head_loop and heads == 1) or (merged and dtype == torch.float32):  # fp32 is merged by default
+    for dtype, (heads, dh), head_loop, merged, head_batch in itertools.product(
+            (torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (False, True), (False, True), (False, True)):
+        if (head_loop and heads == 1) or (not merged and dtype == torch.float32):  # fp32 is merged by default
+            continue
+        if head_batch and not head_loop:  # the heads as a batch axis: a variant of the head loop
             continue
         q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
-        cfg = dict(head_loop=head_loop, merged=merged)
-        name = f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}{' merged' if merged else ''}"
-        for way in ("forward", "backward"):
+        cfg = dict(head_loop=head_loop, merged=merged, head_batch=head_batch)
+        name = (f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}"
+                f"{' head_batch' if head_batch else ''}{' merged' if merged else ''}")
+        for way in ("forward", "backward") if not head_batch else ("forward",):
             compiled.clear()
             try:
                 if way == "forward":

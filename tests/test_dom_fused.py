@@ -72,15 +72,25 @@ def test_small_tiles_fp32(sizes, levels, merged):
 
 
 @needs_kernel
+@pytest.mark.parametrize("head_batch", [False, True], ids=["loop", "batched"])
 @pytest.mark.parametrize("levels,merged", [((8,), False), ((8, 16), False), ((8, 16), True)])
 @pytest.mark.parametrize("sizes", [
     [1, 1, 2, 3, 1, 5, 1, 1, 4, 1, 2, 2, 7, 1, 8, 9],
     [3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1],
 ], ids=["mixed", "with_large"])
-def test_head_loop_fp32(sizes, levels, merged):
-    """Small-DOM programs looping over the heads write every head of every row (4 heads)."""
+def test_head_loop_fp32(sizes, levels, merged, head_batch):
+    """Small-DOM programs doing every head of their window write every head of every row (4 heads), with a
+    loop over the heads or with the heads as the batch axis of 3-D dots (``head_batch``)."""
     check_against_reference(sizes, 4, 16, torch.float32, levels=levels, bwd_levels=levels, block=16, merged=merged,
-                            head_loop=True)
+                            head_loop=True, head_batch=head_batch)
+
+
+def test_head_batch_needs_head_loop():
+    with pytest.raises(ValueError, match="head_batch"):
+        dom_fused._resolve(torch.bfloat16, 128, 1, 1000, head_batch=True)
+    with pytest.raises(ValueError, match="head_batch"):
+        dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_batch=True, head_loop=False)
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_batch=True)[-1]
 
 
 @needs_kernel
@@ -100,6 +110,7 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     if n_heads > 1:  # the other head layout, whichever the default is
         default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=7, head_loop=True, head_batch=True)
 
 
 @needs_cuda

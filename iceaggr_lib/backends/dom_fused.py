@@ -76,31 +76,36 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     ``head_loop``: small-DOM programs (and a single-level plan's) loop over all heads of their window,
     sharing its index loads and masks, instead of one program per (window, head). ``merged``: both tile
     levels in one launch (less host dispatch) or two (less GPU time); "auto" merges below
-    ``merge_below_pulses`` pulses, where a stream of calls is bound by host dispatch."""
+    ``merge_below_pulses`` pulses, where a stream of calls is bound by host dispatch. ``large_num_warps``,
+    ``bwd_block``: the backward's large-DOM passes; ``*num_stages``: Triton's software pipelining (None =
+    its default). ``head_batch`` (opt-in, not yet measured on a GPU): with ``head_loop``, the small-DOM tile
+    of all heads as batched 3-D dots instead of a loop over the heads. Call-time keys, not part of the
+    plan: ``concurrent`` / ``bwd_concurrent`` (see ``CONCURRENT_ABOVE_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                     block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
-                    precision="tf32x3", merged=True, merge_below_pulses=0, head_loop=multi)
+                    head_batch=False, precision="tf32x3", merged=True, merge_below_pulses=0, head_loop=multi)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
     return dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4,
                 large_num_warps=4, block=64, bwd_block=64, num_stages=1 if multi else None, bwd_num_stages=None,
-                large_num_stages=None,
+                large_num_stages=None, head_batch=False,
                 precision="ieee", merged="auto",
                 merge_below_pulses=400_000 if multi else 64_000, head_loop=multi)
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config):
-    """(T_small or 0, T_big, num_warps, block, precision, merged, head_loop) for the forward or the backward."""
+    """(T_small or 0, T_big, (num_warps, num_stages) [forward] or ((tiles), (large)) [backward], block,
+    precision, merged, head_loop, head_batch) for the forward or the backward."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
-    t_small, t_big, warps, block, precision, merged, merge_below, head_loop = _plan(dtype, head_dim, n_heads,
-                                                                                     backward, items)
+    t_small, t_big, warps, block, precision, merged, merge_below, head_loop, head_batch = _plan(
+        dtype, head_dim, n_heads, backward, items)
     if merged == "auto":
         merged = n_pulses < merge_below
-    return t_small, t_big, warps, block, precision, merged, head_loop
+    return t_small, t_big, warps, block, precision, merged, head_loop, head_batch
 
 
 @functools.lru_cache(maxsize=256)  # a call's host time matters (see triton_launch.py): plan once per shape
@@ -125,8 +130,11 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     merged = cfg["merged"]
     if merged != "auto" and not isinstance(merged, bool):
         raise ValueError(f"dom_fused: merged must be True, False or 'auto', got {merged!r}")
+    head_batch = bool(cfg["head_batch"])
+    if head_batch and not (cfg["head_loop"] and n_heads > 1 and n_heads & (n_heads - 1) == 0 and head_dim >= 16):
+        raise ValueError("dom_fused: head_batch needs head_loop and a power-of-two n_heads > 1")
     return (t_small, levels[-1], warps, block, cfg["precision"], merged, cfg["merge_below_pulses"],
-            bool(cfg["head_loop"]))
+            bool(cfg["head_loop"]), head_batch)
 
 
 def _launches(n, t_small, t_big, n_heads, merged, snhl):
@@ -158,8 +166,9 @@ if HAVE_TRITON:
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
-                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
-        """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads."""
+                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False):
+        """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads.
+        ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
@@ -172,30 +181,34 @@ if HAVE_TRITON:
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
             out_d = d_lo + tl.arange(0, T)
-            # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
-            # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
-            for hh in tl.static_range(NHL):
-                h = h0 + hh
-                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
-                valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-                s = tl.where(valid, s, float("-inf"))
-                m = tl.max(s, axis=1)
-                p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-                l = tl.sum(p, axis=1)
-                p = p / tl.where(l > 0, l, 1.0)[:, None]
-                cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-                w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
-                sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
-                pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
-                pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
-                out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
-                st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
-                tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
-                         pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+            if HB:
+                _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
+                                sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL)
+            else:
+                # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
+                # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
+                for hh in tl.static_range(NHL):
+                    h = h0 + hh
+                    multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+                    q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                    k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                    v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
+                    valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+                    s = tl.where(valid, s, float("-inf"))
+                    m = tl.max(s, axis=1)
+                    p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+                    l = tl.sum(p, axis=1)
+                    p = p / tl.where(l > 0, l, 1.0)[:, None]
+                    cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+                    w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
+                    sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
+                    pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
+                    pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
+                    out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+                    st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+                    tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
+                             pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
         # ---- the (at most one) large DOM starting in this window: flash loop --------------------
         if HAS_LARGE:
@@ -262,6 +275,38 @@ if HAVE_TRITON:
                 tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
                 tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
                 tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
+
+    @triton.jit
+    def _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
+                        sv_n, sv_h, so_d, so_h, qk_scale, h0,
+                        LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
+        """The small-DOM tile of one window for heads h0 .. h0+NHL-1 at once: (NHL, 2T, DH) blocks, scores and
+        pooling as batched 3-D dots, the softmax over (NHL, 2T, 2T). Same arithmetic as the per-head loop."""
+        dcol = tl.arange(0, DH)
+        hcol = (h0 + tl.arange(0, NHL)).to(tl.int64)
+        multi = own & (cnt_r > 1)
+        q = tl.load(Q + hcol[:, None, None] * sq_h + rows64[None, :, None] * sq_n + dcol[None, None, :],
+                    mask=multi[None, :, None], other=0.0)  # (NHL, 2T, DH)
+        k = tl.load(K + hcol[:, None, None] * sk_h + rows64[None, :, None] * sk_n + dcol[None, None, :],
+                    mask=multi[None, :, None], other=0.0)
+        v = tl.load(V + hcol[:, None, None] * sv_h + rows64[None, :, None] * sv_n + dcol[None, None, :],
+                    mask=own[None, :, None], other=0.0)
+        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PREC) * qk_scale  # (NHL, 2T, 2T), log2 domain
+        valid = (own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :]))[None, :, :]
+        s = tl.where(valid, s, float("-inf"))
+        m = tl.max(s, axis=2)
+        p = tl.where(valid, tl.exp2(s - m[:, :, None]), 0.0)
+        l = tl.sum(p, axis=2)
+        p = p / tl.where(l > 0, l, 1.0)[:, :, None]
+        cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+        w = tl.sum(p, axis=1) / cntf[None, :]  # (NHL, 2T): pooling weight of each key row, per head
+        sel = ((dom_r[None, :] == out_d[:, None]) & own[None, :])[None, :, :]  # (1, T, 2T)
+        pool_mat = tl.where(sel, w[:, None, :], 0.0).to(v.dtype)  # (NHL, T, 2T)
+        pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (NHL, T, DH)
+        out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+        st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+        tl.store(OUT + hcol[:, None, None] * so_h + out_d.to(tl.int64)[None, :, None] * so_d + dcol[None, None, :],
+                 pooled.to(OUT.dtype.element_ty), mask=st[None, :, None])
 
     @triton.jit
     def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
@@ -383,7 +428,8 @@ if HAVE_TRITON:
     def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr):
+                    BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr,
+                    HB: tl.constexpr):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
@@ -393,7 +439,7 @@ if HAVE_TRITON:
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       0, T_BIG, True, DH, BL, PREC, SNHL)
+                       0, T_BIG, True, DH, BL, PREC, SNHL, HB)
         else:
             big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
             if big:
@@ -401,7 +447,7 @@ if HAVE_TRITON:
                            win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1)
             else:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL)
+                           win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL, HB)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N,
@@ -467,8 +513,8 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config
     """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
     concurrent, _ = (_side_stream(config.pop(key, "auto"), q) for key in ("concurrent", "bwd_concurrent"))
-    t_small, t_big, (warps, stages), block, precision, merged, head_loop = _resolve(q.dtype, q.shape[2], q.shape[1],
-                                                                                    q.shape[0], **config)
+    t_small, t_big, (warps, stages), block, precision, merged, head_loop, head_batch = _resolve(
+        q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
     snhl = n_heads if head_loop else 1
@@ -478,7 +524,8 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
     spec = _FWD.specialize(args)
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh,
-                                                                 BL=block, PREC=precision, ROLE=role, SNHL=snhl),
+                                                                 BL=block, PREC=precision, ROLE=role, SNHL=snhl,
+                                                                 HB=head_batch),
                                                 warps, spec, stages)
               for role, grid in _launches(n, t_small, t_big, n_heads, merged, snhl)]
     if len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones
@@ -492,7 +539,7 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
     _, concurrent = (_side_stream(config.pop(key, "auto"), q) for key in ("concurrent", "bwd_concurrent"))
-    t_small, t_big, ((warps, stages), (large_warps, large_stages)), block, precision, merged, head_loop = _resolve(
+    t_small, t_big, ((warps, stages), (large_warps, large_stages)), block, precision, merged, head_loop, _ = _resolve(
         q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape

@@ -163,6 +163,18 @@ if HAVE_TRITON:
         return w0, d_lo, d_hi
 
     @triton.jit
+    def _tile_softmax(q, k, own, dom_r, qk_scale, PREC: tl.constexpr):
+        """Row softmax of the packed tile's scores (2T x 2T), restricted to pairs of owned rows of the same DOM
+        (log2 domain: ``qk_scale`` includes log2 e); rows without any such pair come out as zeros."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
+        s = tl.where(valid, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+        l = tl.sum(p, axis=1)
+        return p / tl.where(l > 0, l, 1.0)[:, None]
+
+    @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
@@ -193,13 +205,7 @@ if HAVE_TRITON:
                     q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
                     k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
                     v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 domain
-                    valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-                    s = tl.where(valid, s, float("-inf"))
-                    m = tl.max(s, axis=1)
-                    p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-                    l = tl.sum(p, axis=1)
-                    p = p / tl.where(l > 0, l, 1.0)[:, None]
+                    p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
                     cntf = tl.where(own, cnt_r, 1).to(tl.float32)
                     w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
                     sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
@@ -256,13 +262,7 @@ if HAVE_TRITON:
                 v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
                 g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
                             other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-                s = tl.where(valid, s, float("-inf"))
-                m = tl.max(s, axis=1)
-                p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
-                l = tl.sum(p, axis=1)
-                p = p / tl.where(l > 0, l, 1.0)[:, None]
+                p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
                 cntf = tl.where(own, cnt_r, 1).to(tl.float32)
                 u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
                 di = tl.sum(p * u[None, :], axis=1)

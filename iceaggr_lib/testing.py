@@ -68,5 +68,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(out64 - ref64) / (denom if denom > 0 else 1.0))
 
 
+def reference_errors(attend, batch, q, k, v, grad_out, scale: float) -> list[float]:
+    """Relative errors of ``attend(q, k, v)`` and of its q, k, v gradients (for the upstream gradient
+    ``grad_out``) against the float64 ``reference`` backend on the same batch: [out, dq, dk, dv].
+    ``q, k, v`` must require grad; the reference runs where they live."""
+    from iceaggr_lib.backends import get_backend
+
+    out = attend(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = get_backend("reference")
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out_ref = ref.attend(q64, k64, v64, batch, ref.prepare(batch, q.shape[1], q.shape[2], torch.float64), scale)
+    grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), grad_out.double())
+    return [rel_err(out, out_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref)]
+
+
 # Tolerances of the developers' guide: fp32 with tf32 off, and bf16 (fp16 treated like bf16).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}

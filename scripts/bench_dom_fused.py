@@ -4,8 +4,8 @@
 
 For each point (events, dtype, heads): rel error of forward and gradients vs the float64 reference
 (on the GPU), forward and forward+backward medians (triton.testing.do_bench, warm-up first, three
-rotating input sets), the memory floor (q, k, v read once + DOM embeddings written once, at 3 TB/s
-and at the measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
+rotating input sets), the memory floor (``iceaggr_lib.bench.memory_floor_bytes``, at 3 TB/s and at the
+measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
 prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
 times tile/warps/precision variants. ``--graphs`` times the whole layer forward at 16 events, eager
 and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
@@ -22,9 +22,10 @@ import time
 import numpy as np
 import torch
 
-from iceaggr_lib.backends import get_backend
-from iceaggr_lib.backends import dom_fused
-from iceaggr_lib.testing import rel_err
+from iceaggr_lib.backends import dom_fused, get_backend
+from iceaggr_lib.bench import memory_floor_bytes
+from iceaggr_lib.envinfo import measure_copy_bandwidth
+from iceaggr_lib.testing import random_qkv, reference_errors, rel_err
 
 RESULTS: list[dict] = []
 
@@ -40,9 +41,8 @@ def make_batches(n_events_list, seed=0):
 
 
 def qkv_sets(n, h, dh, dtype, n_sets=3, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [tuple(torch.randn(n, h, dh, device="cuda", dtype=torch.float32, generator=g).to(dtype) for _ in range(3))
-            for _ in range(n_sets)]
+    """``n_sets`` rotating (q, k, v) triples on the GPU (iceaggr_lib.testing.random_qkv, seeds seed, seed+1, ...)."""
+    return [random_qkv(n, h, dh, dtype=dtype, device="cuda", seed=seed + i) for i in range(n_sets)]
 
 
 def bench(fn, n_sets):
@@ -58,18 +58,10 @@ def bench(fn, n_sets):
 
 
 def floor_ms(batch, h, dh, dtype, bw):
-    es = torch.tensor([], dtype=dtype).element_size()
-    fwd = (3 * batch.n_pulses + batch.n_doms) * h * dh * es
-    bwd = (6 * batch.n_pulses + batch.n_doms) * h * dh * es  # read q,k,v,g; write dq,dk,dv
-    return fwd / bw * 1e3, (fwd + bwd) / bw * 1e3
-
-
-def copy_bandwidth():
-    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB
-    y = torch.empty_like(x)
-    import triton.testing
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
-    return 2 * x.numel() / (ms * 1e-3)
+    """(forward, forward+backward) memory floor in ms at ``bw`` bytes/s: iceaggr_lib.bench.memory_floor_bytes,
+    the same definition as the workbook grid's ``x_floor``."""
+    return tuple(memory_floor_bytes(batch.n_pulses, batch.n_doms, h, dh, dtype, mode) / bw * 1e3
+                 for mode in ("forward", "forward_backward"))
 
 
 def fused_fn(batch, scale, **cfg):
@@ -88,16 +80,11 @@ def lib_fn(name, batch, h, dh, dtype, scale):
 
 
 def check(fn, batch, h, dh, dtype, scale, seed=11):
-    ref = get_backend("reference")
-    q, k, v = (t.requires_grad_(True) for t in qkv_sets(batch.n_pulses, h, dh, dtype, 1, seed)[0])
-    out = fn(q, k, v)
-    g = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).to(dtype)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    r = ref.attend(q64, k64, v64, batch, ref.prepare(batch, h, dh, torch.float64), scale)
-    rg = torch.autograd.grad(r, (q64, k64, v64), g.double())
-    return {"err_out": rel_err(out, r), "err_dq": rel_err(grads[0], rg[0]), "err_dk": rel_err(grads[1], rg[1]),
-            "err_dv": rel_err(grads[2], rg[2])}
+    q, k, v = random_qkv(batch.n_pulses, h, dh, dtype=dtype, device="cuda", seed=seed, requires_grad=True)
+    n_doms = batch.n_doms
+    g = torch.randn((n_doms, h, dh), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+    errs = reference_errors(fn, batch, q, k, v, g.to(dtype), scale)
+    return dict(zip(("err_out", "err_dq", "err_dk", "err_dv"), errs))
 
 
 def time_point(name, fn, batch, h, dh, dtype, modes=("forward", "forward_backward")):
@@ -119,7 +106,6 @@ def time_point(name, fn, batch, h, dh, dtype, modes=("forward", "forward_backwar
             torch.autograd.grad(out, gsets[i], gout)
         fb(0); torch.cuda.synchronize()
         row["fb_ms"], row["fb_p10"], row["fb_p90"] = bench(fb, 3)
-    del sets
     return row
 
 
@@ -127,7 +113,8 @@ def peak_memory(fn, batch, h, dh, dtype):
     q, k, v = qkv_sets(batch.n_pulses, h, dh, dtype, 1, 3)[0]
     torch.cuda.synchronize()
     es = q.element_size()
-    io = (3 * batch.n_pulses + batch.n_doms) * h * dh * es
+    io = memory_floor_bytes(batch.n_pulses, batch.n_doms, h, dh, dtype, "forward")  # q, k, v in + DOM rows out
+    fb_io = memory_floor_bytes(batch.n_pulses, batch.n_doms, h, dh, dtype, "forward_backward")
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -143,7 +130,7 @@ def peak_memory(fn, batch, h, dh, dtype):
     torch.cuda.synchronize()
     fb_peak = torch.cuda.max_memory_allocated() - base + 3 * q.numel() * es
     return {"io_bytes": io, "fwd_peak_bytes": fwd_peak, "fwd_peak_over_io": fwd_peak / io,
-            "fb_peak_bytes": fb_peak, "fb_io_bytes": 2 * io, "fb_peak_over_io": fb_peak / (2 * io)}
+            "fb_peak_bytes": fb_peak, "fb_io_bytes": fb_io, "fb_peak_over_io": fb_peak / fb_io}
 
 
 def graphs_bench(batch16):
@@ -186,7 +173,7 @@ def main():
     args = ap.parse_args()
     import triton
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    env["copy_bw_Bps"] = copy_bandwidth()
+    env["copy_bw_Bps"] = measure_copy_bandwidth("cuda")
     log("env", env)
     t0 = time.perf_counter()
     batches = make_batches([16, 1024, 4096])
@@ -194,7 +181,6 @@ def main():
     gpu = {e: b.to("cuda") for e, b in batches.items()}
     graphs = graphs_bench(batches[16]) if args.graphs else None
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    summary = []
     for p in args.points.split(","):
         ev, dname, h = p.split(":")
         ev, h, dtype = int(ev), int(h), dt[dname]

@@ -57,6 +57,7 @@ def dispatch_table():
     from iceaggr_lib.backends import dom_attention, triton_launch
     from iceaggr_lib.backends.dom_fused import dom_fused_attention, fused_forward
     from iceaggr_lib.data.sample import generate_table
+    from iceaggr_lib.testing import random_qkv
 
     table = generate_table(1024, seed=0)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
@@ -66,7 +67,7 @@ def dispatch_table():
         b = table.batch(0, events).to("cuda")
         for h in (1, 8):
             dh = 128 // h
-            q, k, v = (torch.randn(b.n_pulses, h, dh, device="cuda").to(torch.bfloat16) for _ in range(3))
+            q, k, v = random_qkv(b.n_pulses, h, dh, dtype=torch.bfloat16, device="cuda")
             cu, dom, cnt = b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts
             launches = lambda: fused_forward(q, k, v, cu, dom, cnt, dh ** -0.5)
             calls = {
@@ -93,7 +94,7 @@ def launch_times():
 
     from iceaggr_lib.backends.dom_fused import dom_fused_attention
     from iceaggr_lib.data.sample import generate_table
-    from iceaggr_lib.testing import batch_from_dom_sizes
+    from iceaggr_lib.testing import batch_from_dom_sizes, random_qkv
 
     table = generate_table(4096, seed=0)
     for events, dtype, h in ((4, torch.bfloat16, 1), (1024, torch.bfloat16, 1), (4096, torch.bfloat16, 1),
@@ -105,7 +106,7 @@ def launch_times():
             b = batch_from_dom_sizes(sizes, seed=0)
         b = b.to("cuda")
         dh = 128 // h
-        q, k, v = (torch.randn(b.n_pulses, h, dh, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+        q, k, v = random_qkv(b.n_pulses, h, dh, dtype=dtype, device="cuda", requires_grad=True)
         g = torch.randn(b.n_doms, h, dh, device="cuda").to(dtype)
         call = lambda: torch.autograd.grad(dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx,
                                                                b.dom_pulse_counts), (q, k, v), g)

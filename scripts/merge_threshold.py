@@ -22,6 +22,7 @@ def main():
     from iceaggr_lib.backends.dom_fused import dom_fused_attention
     from iceaggr_lib.bench import time_calls
     from iceaggr_lib.data.sample import generate_table
+    from iceaggr_lib.testing import random_qkv
 
     device = torch.device("cuda")
     table = generate_table(4096, seed=0)
@@ -31,8 +32,7 @@ def main():
         b = table.batch(0, events).to(device)
         for h in (1, 8):
             dh = 128 // h
-            sets = [tuple(torch.randn(b.n_pulses, h, dh, device=device).to(torch.bfloat16) for _ in range(3))
-                    for _ in range(3)]
+            sets = [random_qkv(b.n_pulses, h, dh, dtype=torch.bfloat16, device=device, seed=i) for i in range(3)]
             row = []
             for merged in (False, True):
                 state = {"i": 0}

@@ -270,3 +270,25 @@ def test_cuda_4096_events_more_than_65535_doms(name):
     assert batch.n_doms > 65_535
     mode = "forward" if name == "flex_dense" else "forward_backward"  # dense flex is O(N^2): forward only
     check_against_reference(name, batch, 1, 128, torch.bfloat16, "cuda", mode, seed)
+
+
+def test_reference_errors_pass_a_correct_backend_and_catch_a_wrong_one():
+    """testing.reference_errors (shared by the dom_fused tests and the GPU scripts): small for padded,
+    large for an attention that forgets the softmax (plain mean of v)."""
+    from iceaggr_lib.testing import reference_errors
+
+    batch = batch_from_dom_sizes([1, 3, 2, 7, 1], seed=4)
+    q, k, v = random_qkv(batch.n_pulses, 2, 8, seed=4, requires_grad=True)
+    grad = torch.randn(batch.n_doms, 2, 8, generator=torch.Generator().manual_seed(5))
+    padded = get_backend("padded")
+    good = reference_errors(lambda q, k, v: padded.attend(q, k, v, batch, padded.prepare(batch, 2, 8, q.dtype), 8 ** -0.5),
+                            batch, q, k, v, grad, 8 ** -0.5)
+    assert len(good) == 4 and max(good) <= 1e-5
+    counts = batch.dom_pulse_counts.to(q.dtype)[:, None, None]
+
+    def mean_v(q, k, v):  # ignores q and k: wrong whenever a DOM has more than one pulse
+        summed = torch.zeros(batch.n_doms, 2, 8).index_add(0, batch.pulse_to_dom_idx, v + 0 * (q + k))
+        return summed / counts
+
+    bad = reference_errors(mean_v, batch, q, k, v, grad, 8 ** -0.5)
+    assert bad[0] > 1e-3 and bad[1] > 0.5

@@ -1,11 +1,9 @@
 """The benchmark harness: CSV contract, statuses, rotation, budgets, crash safety, the memory floor."""
 
 import csv
-import math
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

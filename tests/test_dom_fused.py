@@ -14,7 +14,7 @@ import torch
 
 from iceaggr_lib.backends import UnsupportedError, dom_attention, get_backend
 from iceaggr_lib.backends import dom_fused
-from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, rel_err
+from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if torch.cuda.is_available():
@@ -41,17 +41,16 @@ def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, **config):
     q, k, v = random_qkv(batch.n_pulses, n_heads, head_dim, dtype=dtype, device=DEVICE, seed=seed,
                          requires_grad=True)
     scale = head_dim ** -0.5
-    out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
-                                        scale, **config)
-    assert out.shape == (batch.n_doms, n_heads, head_dim) and out.dtype == dtype
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref = get_backend("reference")
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    out_ref = ref.attend(q64, k64, v64, batch, ref.prepare(batch, n_heads, head_dim, torch.float64), scale)
-    grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), grad.double())
+
+    def attend(q, k, v):
+        out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx,
+                                            batch.dom_pulse_counts, scale, **config)
+        assert out.shape == (batch.n_doms, n_heads, head_dim) and out.dtype == dtype
+        return out
+
+    grad = torch.randn((batch.n_doms, n_heads, head_dim), generator=torch.Generator().manual_seed(seed + 1))
+    errs = reference_errors(attend, batch, q, k, v, grad.to(DEVICE, dtype), scale)
     tol = TOLERANCE[dtype]
-    errs = [rel_err(out, out_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref)]
     assert max(errs) <= tol, f"rel errs out/dq/dk/dv = {errs} (tol {tol}) for {len(sizes)} DOMs, {dtype}"
     return errs
 

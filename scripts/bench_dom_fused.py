@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--configs", type=json.loads, default=[],
+                    help='extra dom_fused configs for every point, e.g. \'[{"levels": [8, 32]}]\'')
     ap.add_argument("--sweep-events", default="1024", type=lambda x: [int(e) for e in x.split(",")])
     ap.add_argument("--points", default="1024:bf16:1,4096:bf16:1,4096:fp32:1,4096:bf16:8,4096:fp32:8,1024:fp32:1,1024:bf16:8")
     args = ap.parse_args()
@@ -197,8 +199,10 @@ def main():
             variants.append(("dom_fused{concurrent=False}", dict(concurrent=False)))
             if h > 1 and dtype != torch.float32:
                 variants.append(("dom_fused{num_stages=None}", dict(num_stages=None)))
-            if h > 1:  # the heads as the batch axis of 3-D dots in the small-DOM tiles (not measured yet)
-                variants.append(("dom_fused{head_batch}", dict(head_batch=True)))
+            if h > 1:  # the heads as the batch axis of 3-D dots in the small-DOM tiles, or a loop over them
+                variants.append(("dom_fused{head_batch=False}", dict(head_batch=False)))
+        variants += [("dom_fused" + json.dumps(c, separators=(",", "=")), {k: tuple(v) if isinstance(v, list) else v
+                                                                         for k, v in c.items()}) for c in args.configs]
         for name, cfg in variants:
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:

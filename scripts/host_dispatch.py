@@ -13,6 +13,10 @@
    on the embedded sample for dom_fused, bf16 1x128, both modes: launches on two streams or one, and
    Triton's own launch path (``grid_ab``), one CSV per variant in DIR.
 3. ``--launch-times``: the GPU time of each launch of one call (``launch_times``).
+4. ``--step-profile DIR``: where the grid's time of one forward + backward step goes (``step_profile``): for
+   the grid's own step (``bench._make_step``) at 1,024 events, bf16 1x128, the host time per step, the GPU
+   kernel time per step (profiler), the grid's median (``bench.time_calls``, L2 flushed) and, in DIR, the
+   profiler's table of host ops by self CPU time.
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def launch_times():
 
     table = generate_table(4096, seed=0)
     for events, dtype, h in ((4, torch.bfloat16, 1), (1024, torch.bfloat16, 1), (4096, torch.bfloat16, 1),
-                             (1024, torch.float32, 1), (1024, torch.bfloat16, 8), (-1024, torch.bfloat16, 1)):
+                             (1024, torch.float32, 1), (1024, torch.bfloat16, 8), (-1024, torch.bfloat16, 1),
+                             (4096, torch.float32, 1), (4096, torch.bfloat16, 8), (4096, torch.float32, 8)):
         b = table.batch(0, abs(events))
         if events < 0:  # the same pulses with every DOM above 64 pulses cut into DOMs of <= 64: no large DOMs
             sizes = np.concatenate([[64] * (n // 64) + ([n % 64] if n % 64 else []) if n > 64 else [n]
@@ -154,11 +159,76 @@ def grid_ab(out_dir: Path):
     triton_launch.ENABLED = True
 
 
+def step_profile(out_dir: Path, events: int = 1024):
+    """Grid step (forward + backward and forward) of dom_fused (default and variants) and flex_block: host µs
+    per step (enqueue loop, one sync at the end), GPU µs per step (profiler kernel sum, the L2 flush left
+    out), the grid's median; when host > GPU, the grid measures the host."""
+    import functools
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from iceaggr_lib import bench
+    from iceaggr_lib.backends import dom_fused, get_backend
+    from iceaggr_lib.report import ensure_sample
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench.apply_settings()
+    dev = torch.device("cuda")
+    batches = [b.to(dev) for b in bench.consecutive_batches(bench.open_dataset(ensure_sample()), events, 3)]
+    inputs = bench._make_inputs(batches, 1, 128, torch.bfloat16, dev, seed=1)
+    original = dom_fused.dom_fused_attention
+    variants = [("dom_fused", {}), ("dom_fused", dict(bwd_concurrent=False)),
+                ("dom_fused", dict(concurrent=False, bwd_concurrent=False)), ("dom_fused", dict(bwd_levels=(32,))),
+                ("flex_block", {})]
+    print(f"{'backend':<48}{'mode':<18}{'host':>8}{'gpu':>8}{'grid':>8}  [µs per step, {events} events bf16 1x128]")
+    for backend, config in variants:
+        dom_fused.dom_fused_attention = functools.partial(original, **config)
+        for mode in ("forward", "forward_backward"):
+            step = bench._make_step(get_backend(backend), inputs, mode, 128 ** -0.5, torch.bfloat16)
+            for _ in range(6):
+                step()
+            host = host_us(step, n=60)
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            gpu = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA") / 10
+            grid = float(np.median(bench.time_calls(step, dev, 40, 1.0, 5.0))) * 1e3
+            name = f"{backend}{config or ''}"
+            print(f"{name:<48}{mode:<18}{host:8.1f}{gpu:8.1f}{grid:8.1f}", flush=True)
+            if backend == "dom_fused" and not config:
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                (out_dir / f"profile_{mode}.txt").write_text(table)
+            if backend == "dom_fused" and mode == "forward_backward" and len(config) != 1:
+                # where the host's wall time goes, Python and C calls alike (cProfile's clock is wall time)
+                import cProfile
+                import io
+                import pstats
+                torch.cuda.synchronize()
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(50):
+                    step()
+                pr.disable()
+                torch.cuda.synchronize()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                tag = "default" if not config else "one_stream"
+                (out_dir / f"cprofile_fb_{tag}.txt").write_text(buf.getvalue())
+                print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
+    dom_fused.dom_fused_attention = original
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid-csv", type=Path, help="also run the harness A/B (streams, launch path) into this folder")
     ap.add_argument("--launch-times", action="store_true", help="only the GPU time of each launch of a call")
+    ap.add_argument("--step-profile", type=Path, help="only the grid step's host / GPU time, profile tables into this folder")
     args = ap.parse_args()
+    if args.step_profile:
+        return step_profile(args.step_profile)
     if args.launch_times:
         return launch_times()
     dispatch_table()

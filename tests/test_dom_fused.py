@@ -89,7 +89,12 @@ def test_head_batch_needs_head_loop():
         dom_fused._resolve(torch.bfloat16, 128, 1, 1000, head_batch=True)
     with pytest.raises(ValueError, match="head_batch"):
         dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_batch=True, head_loop=False)
-    assert dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_batch=True)[-1]
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_batch=True).head_batch
+    # "auto" (the default): on wherever it applies, off (no error) where it does not
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 1000).head_batch
+    assert not dom_fused._resolve(torch.bfloat16, 16, 8, 1000, head_loop=False).head_batch
+    assert not dom_fused._resolve(torch.bfloat16, 16, 6, 1000).head_batch
+    assert not dom_fused._resolve(torch.bfloat16, 128, 1, 1000).head_batch
 
 
 @needs_kernel
@@ -109,7 +114,8 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     if n_heads > 1:  # the other head layout, whichever the default is
         default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)
-        check_against_reference(sizes, n_heads, head_dim, dtype, seed=7, head_loop=True, head_batch=True)
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=7, head_loop=True,
+                                head_batch=not dom_fused._resolve(dtype, head_dim, n_heads, len(sizes)).head_batch)
 
 
 @needs_cuda
@@ -155,7 +161,7 @@ def test_fast_launch_matches_plain_launch_cuda():
 
 def test_launch_plan_merges_small_bf16_batches():
     """bf16 forward: one launch below merge_below_pulses (host-bound), two above; fp32 always one."""
-    merged = lambda dtype, heads, n, **cfg: dom_fused._resolve(dtype, 128 // heads, heads, n, **cfg)[5]
+    merged = lambda dtype, heads, n, **cfg: dom_fused._resolve(dtype, 128 // heads, heads, n, **cfg).merged
     assert merged(torch.bfloat16, 1, 10_000) and not merged(torch.bfloat16, 1, 200_000)
     assert merged(torch.bfloat16, 8, 300_000) and not merged(torch.bfloat16, 8, 600_000)
     assert merged(torch.float32, 1, 10**6) and merged(torch.float32, 8, 10)
@@ -167,12 +173,17 @@ def test_launch_plan_merges_small_bf16_batches():
 
 
 def test_side_stream_setting():
-    """Launches go side by side on two streams only on CUDA and, under "auto", from CONCURRENT_ABOVE_PULSES."""
-    few, many = torch.empty(10, 1, 16), torch.empty(dom_fused.CONCURRENT_ABOVE_PULSES, 1, 16)
-    assert not dom_fused._side_stream("auto", few) and not dom_fused._side_stream(True, few)  # CPU tensors
-    assert not dom_fused._side_stream("auto", many) or many.is_cuda
+    """Launches go side by side on two streams only on CUDA and, under "auto", only in a forward that builds no
+    autograd graph, from CONCURRENT_ABOVE_PULSES pulses; True / False force it; anything else is an error."""
+    many = dom_fused.CONCURRENT_ABOVE_PULSES
+    assert dom_fused._concurrency("auto", many, autograd=False)
+    assert not dom_fused._concurrency("auto", many - 1, autograd=False)
+    assert not dom_fused._concurrency("auto", 10 * many, autograd=True)
+    assert dom_fused._concurrency(True, 10, autograd=True) and not dom_fused._concurrency(False, many, autograd=False)
+    cpu = torch.empty(many, 1, 16)
+    assert not dom_fused._side_stream("auto", cpu, False) and not dom_fused._side_stream(True, cpu, False)
     with pytest.raises(ValueError, match="concurrent"):
-        dom_fused._side_stream("yes", few)
+        dom_fused._concurrency("yes", 10, autograd=False)
 
 
 def test_spec_refuses_cpu():

@@ -8,8 +8,8 @@ It finds that work itself from ``pulse_to_dom_idx`` and ``cu_seqlens``: no per-b
 no host synchronisation (``_default_config``: tile levels per dtype). Forward: one or two launches;
 backward: one or two for the tiles plus two for the large DOMs. Launches go through
 ``triton_launch.FastLaunch`` (Triton's own launch less its host overhead), and independent ones run side
-by side on two streams from ``CONCURRENT_ABOVE_PULSES`` pulses (``triton_launch.run_concurrently``), so
-the few long programs of a launch do not leave the GPU idle.
+by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` pulses
+(``triton_launch.run_concurrently``), so the few long programs of a launch do not leave the GPU idle.
 
 * Small DOMs (``n <= T`` pulses; ~all of them on IceCube data) that start in the window end inside
   ``[t*T, t*T + 2T)``, so one masked ``2T x 2T`` tile holds all of them: scores ``Q K^T``, a
@@ -50,6 +50,7 @@ Measurements, versions and what is left: docs/dom_fused_notes.md.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -78,34 +79,47 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     levels in one launch (less host dispatch) or two (less GPU time); "auto" merges below
     ``merge_below_pulses`` pulses, where a stream of calls is bound by host dispatch. ``large_num_warps``,
     ``bwd_block``: the backward's large-DOM passes; ``*num_stages``: Triton's software pipelining (None =
-    its default). ``head_batch`` (opt-in, not yet measured on a GPU): with ``head_loop``, the small-DOM tile
-    of all heads as batched 3-D dots instead of a loop over the heads. Call-time keys, not part of the
-    plan: ``concurrent`` / ``bwd_concurrent`` (see ``CONCURRENT_ABOVE_PULSES``)."""
+    its default). ``head_batch``: with ``head_loop``, the small-DOM tile of all heads as batched 3-D dots
+    instead of a loop over the heads (forward); "auto" = wherever it applies (head_loop, power-of-two heads).
+    Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
+    (see ``CONCURRENT_ABOVE_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
+    # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                     block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
-                    head_batch=False, precision="tf32x3", merged=True, merge_below_pulses=0, head_loop=multi)
+                    head_batch="auto", precision="tf32x3", merged=True, merge_below_pulses=0, head_loop=multi)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
     return dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4,
                 large_num_warps=4, block=64, bwd_block=64, num_stages=1 if multi else None, bwd_num_stages=None,
-                large_num_stages=None, head_batch=False,
+                large_num_stages=None, head_batch="auto",
                 precision="ieee", merged="auto",
                 merge_below_pulses=400_000 if multi else 64_000, head_loop=multi)
 
 
-def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config):
-    """(T_small or 0, T_big, (num_warps, num_stages) [forward] or ((tiles), (large)) [backward], block,
-    precision, merged, head_loop, head_batch) for the forward or the backward."""
+class Plan(NamedTuple):
+    """A call's launch plan (``_resolve``). ``warps``: ((num_warps, num_stages) of the tiles, (the same) of
+    the large-DOM kernel)."""
+    t_small: int  # 0 for a single-level plan
+    t_big: int
+    warps: tuple
+    block: int
+    precision: str
+    merged: bool
+    head_loop: bool
+    head_batch: bool
+
+
+def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
+    """The plan of a forward or backward call on ``n_pulses`` pulses ("auto" settings resolved)."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
-    t_small, t_big, warps, block, precision, merged, merge_below, head_loop, head_batch = _plan(
-        dtype, head_dim, n_heads, backward, items)
-    if merged == "auto":
-        merged = n_pulses < merge_below
-    return t_small, t_big, warps, block, precision, merged, head_loop, head_batch
+    plan, merge_below = _plan(dtype, head_dim, n_heads, backward, items)
+    if plan.merged == "auto":
+        plan = plan._replace(merged=n_pulses < merge_below)
+    return plan
 
 
 @functools.lru_cache(maxsize=256)  # a call's host time matters (see triton_launch.py): plan once per shape
@@ -119,8 +133,9 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     if cfg.get("tile"):  # one level of tile T, both ways
         cfg["levels"] = cfg["bwd_levels"] = (cfg["tile"],)
     levels = tuple(cfg["bwd_levels"] if backward else cfg["levels"])
-    warps = ((cfg["bwd_num_warps"], cfg["bwd_num_stages"]), (cfg["large_num_warps"], cfg["large_num_stages"])) \
-        if backward else (cfg["num_warps"], cfg["num_stages"])
+    warps = ((cfg["bwd_num_warps"] if backward else cfg["num_warps"],
+              cfg["bwd_num_stages"] if backward else cfg["num_stages"]),
+             (cfg["large_num_warps"], cfg["large_num_stages"]))
     if not 1 <= len(levels) <= 2 or any(t < 8 or t & (t - 1) for t in levels) or levels[0] > levels[-1]:
         raise ValueError(f"dom_fused: levels must be one or two non-decreasing powers of two >= 8, got {levels}")
     block = cfg["bwd_block"] if backward else cfg["block"]
@@ -130,11 +145,12 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     merged = cfg["merged"]
     if merged != "auto" and not isinstance(merged, bool):
         raise ValueError(f"dom_fused: merged must be True, False or 'auto', got {merged!r}")
-    head_batch = bool(cfg["head_batch"])
-    if head_batch and not (cfg["head_loop"] and n_heads > 1 and n_heads & (n_heads - 1) == 0 and head_dim >= 16):
+    batchable = cfg["head_loop"] and n_heads > 1 and n_heads & (n_heads - 1) == 0 and head_dim >= 16
+    head_batch = batchable if cfg["head_batch"] == "auto" else bool(cfg["head_batch"])
+    if head_batch and not batchable:
         raise ValueError("dom_fused: head_batch needs head_loop and a power-of-two n_heads > 1")
-    return (t_small, levels[-1], warps, block, cfg["precision"], merged, cfg["merge_below_pulses"],
-            bool(cfg["head_loop"]), head_batch)
+    plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch)
+    return plan, cfg["merge_below_pulses"]
 
 
 def _launches(n, t_small, t_big, n_heads, merged, snhl):
@@ -406,7 +422,6 @@ if HAVE_TRITON:
                          ((colp * inv_n)[:, None] * gv[None, :]).to(DV.dtype.element_ty), mask=mine[:, None])
             d = tl.min(tl.where(large & (dom_r > d), dom_r, NONE), axis=0)
 
-
     @triton.jit
     def _program(pid, n_win_big, NH: tl.constexpr, SNHL: tl.constexpr, ROLE: tl.constexpr):
         """(is_big_role, window, first head) of program ``pid``. Big-role programs do one head each (their
@@ -488,46 +503,53 @@ def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
         raise ValueError("dom_fused: pulse_to_dom_idx / dom_pulse_counts / cu_seqlens do not match q")
 
 
-# Launches side by side on two streams (triton_launch.run_concurrently) from this many pulses: below it a
-# stream of calls is bound by host dispatch, which the fork and join lengthen (run 11: 16 events bf16
-# fwd+bwd 0.214 -> 0.264 ms with them); above it the tail of the large-DOM programs is hidden (1,024 events
-# bf16 1x128 forward 0.106 -> 0.081 ms, 4,096 0.386 -> 0.358).
+# Launches side by side on two streams (triton_launch.run_concurrently), under "auto": only in a forward that
+# builds no autograd graph, from this many pulses. Below it a stream of calls is bound by host dispatch, which
+# the fork and join lengthen (run 11: 16 events bf16 fwd+bwd 0.214 -> 0.264 ms with them); above it the tail of
+# the large-DOM programs is hidden (1,024 events bf16 1x128 forward 0.106 -> 0.081 ms, 4,096 0.386 -> 0.358).
+# In a training step (autograd's forward, and the backward) they cost more host time than they save, at every
+# size measured (1,024 events bf16 1x128 forward + backward, one stream / two: run 11 do_bench 0.332 / 0.472 ms;
+# runs 15-16, the grid's own step: 0.48 / 0.91 and 0.64 / 0.94 ms; 4,096 events: 1.36 / 1.32 ms, run 11).
 CONCURRENT_ABOVE_PULSES = 64_000
 
 
-def _side_stream(setting, q) -> bool:
-    """Whether this call runs its independent launches on two streams: ``concurrent`` (forward) /
-    ``bwd_concurrent`` (backward) = True, False or "auto" (from CONCURRENT_ABOVE_PULSES pulses)."""
+def _concurrency(setting, n_pulses: int, autograd: bool) -> bool:
+    """``concurrent`` / ``bwd_concurrent`` = True, False or "auto" (see CONCURRENT_ABOVE_PULSES): whether a
+    call runs its independent launches on two streams (CUDA only: see ``_side_stream``)."""
     if setting == "auto":
-        setting = q.shape[0] >= CONCURRENT_ABOVE_PULSES
-    elif not isinstance(setting, bool):
+        return not autograd and n_pulses >= CONCURRENT_ABOVE_PULSES
+    if not isinstance(setting, bool):
         raise ValueError(f"dom_fused: concurrent / bwd_concurrent must be True, False or 'auto', got {setting!r}")
-    return setting and q.is_cuda
+    return setting
+
+
+def _side_stream(setting, q, autograd: bool) -> bool:
+    return _concurrency(setting, q.shape[0], autograd) and q.is_cuda
 
 
 def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches."""
+def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd=False, **config):
+    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches.
+    ``autograd``: called as the forward of a training step (two streams are then off under "auto")."""
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    concurrent, _ = (_side_stream(config.pop(key, "auto"), q) for key in ("concurrent", "bwd_concurrent"))
-    t_small, t_big, (warps, stages), block, precision, merged, head_loop, head_batch = _resolve(
-        q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
+    concurrent, _ = (_side_stream(config.pop(key, "auto"), q, autograd) for key in ("concurrent", "bwd_concurrent"))
+    plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
+    (warps, stages), _ = plan.warps
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
-    snhl = n_heads if head_loop else 1
+    snhl = n_heads if plan.head_loop else 1
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
-    n_win_big = -(-n // t_big)
+    n_win_big = -(-n // plan.t_big)
     args = (q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
     spec = _FWD.specialize(args)
-    launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh,
-                                                                 BL=block, PREC=precision, ROLE=role, SNHL=snhl,
-                                                                 HB=head_batch),
-                                                warps, spec, stages)
-              for role, grid in _launches(n, t_small, t_big, n_heads, merged, snhl)]
+    constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
+                      SNHL=snhl, HB=plan.head_batch)
+    launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role), warps, spec, stages)
+              for role, grid in _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl)]
     if len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones
         run_concurrently(q.device, launch[1], launch[0])
     else:
@@ -538,9 +560,9 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
-    _, concurrent = (_side_stream(config.pop(key, "auto"), q) for key in ("concurrent", "bwd_concurrent"))
-    t_small, t_big, ((warps, stages), (large_warps, large_stages)), block, precision, merged, head_loop, _ = _resolve(
-        q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)
+    _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
+    t_small, t_big, ((warps, stages), (large_warps, large_stages)), block, precision, merged, head_loop = _resolve(
+        q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)[:7]
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
     snhl = n_heads if head_loop else 1
@@ -585,7 +607,7 @@ class DomFusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, config):
         ctx.save_for_backward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
         ctx.scale, ctx.config = scale, config
-        return fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config)
+        return fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd=True, **config)
 
     @staticmethod
     def backward(ctx, grad_out):

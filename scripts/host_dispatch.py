@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -159,10 +160,11 @@ def grid_ab(out_dir: Path):
     triton_launch.ENABLED = True
 
 
-def step_profile(out_dir: Path, events: int = 1024):
-    """Grid step (forward + backward and forward) of dom_fused (default and variants) and flex_block: host µs
-    per step (enqueue loop, one sync at the end), GPU µs per step (profiler kernel sum, the L2 flush left
-    out), the grid's median; when host > GPU, the grid measures the host."""
+def step_profile(out_dir: Path, events: int = 1024, configs=(), rounds: int = 1):
+    """Grid step (forward + backward and forward) of dom_fused (default and ``configs``) and flex_block: host
+    µs per step (enqueue loop, one sync at the end), GPU µs per step (profiler kernel sum, the L2 flush left
+    out), the grid's median and its 20-80 % spread; when host > GPU, the grid measures the host. ``rounds``:
+    the whole list again, to see how far repeats of one variant differ."""
     import functools
 
     from torch.profiler import ProfilerActivity, profile
@@ -177,11 +179,11 @@ def step_profile(out_dir: Path, events: int = 1024):
     batches = [b.to(dev) for b in bench.consecutive_batches(bench.open_dataset(ensure_sample()), events, 3)]
     inputs = bench._make_inputs(batches, 1, 128, torch.bfloat16, dev, seed=1)
     original = dom_fused.dom_fused_attention
-    variants = [("dom_fused", {}), ("dom_fused", dict(bwd_concurrent=False)),
-                ("dom_fused", dict(concurrent=False, bwd_concurrent=False)), ("dom_fused", dict(bwd_levels=(32,))),
-                ("flex_block", {})]
-    print(f"{'backend':<48}{'mode':<18}{'host':>8}{'gpu':>8}{'grid':>8}  [µs per step, {events} events bf16 1x128]")
-    for backend, config in variants:
+    configs = [{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for c in configs]
+    variants = [("dom_fused", {})] + [("dom_fused", c) for c in configs] + [("flex_block", {})]
+    print(f"{'backend':<60}{'mode':<18}{'host':>8}{'gpu':>8}{'grid':>8}{'p20-p80':>14}  "
+          f"[µs per step, {events} events bf16 1x128]")
+    for backend, config in variants * rounds:
         dom_fused.dom_fused_attention = functools.partial(original, **config)
         for mode in ("forward", "forward_backward"):
             step = bench._make_step(get_backend(backend), inputs, mode, 128 ** -0.5, torch.bfloat16)
@@ -195,13 +197,14 @@ def step_profile(out_dir: Path, events: int = 1024):
                     step()
                 torch.cuda.synchronize()
             gpu = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA") / 10
-            grid = float(np.median(bench.time_calls(step, dev, 40, 1.0, 5.0))) * 1e3
+            times = bench.time_calls(step, dev, 60, 1.0, 5.0) * 1e3
+            grid, p20, p80 = np.median(times), np.quantile(times, 0.2), np.quantile(times, 0.8)
             name = f"{backend}{config or ''}"
-            print(f"{name:<48}{mode:<18}{host:8.1f}{gpu:8.1f}{grid:8.1f}", flush=True)
+            print(f"{name:<60}{mode:<18}{host:8.1f}{gpu:8.1f}{grid:8.1f}{p20:7.0f}-{p80:<6.0f}", flush=True)
             if backend == "dom_fused" and not config:
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
                 (out_dir / f"profile_{mode}.txt").write_text(table)
-            if backend == "dom_fused" and mode == "forward_backward" and len(config) != 1:
+            if backend == "dom_fused" and mode == "forward_backward" and not config:
                 # where the host's wall time goes, Python and C calls alike (cProfile's clock is wall time)
                 import cProfile
                 import io
@@ -215,9 +218,7 @@ def step_profile(out_dir: Path, events: int = 1024):
                 torch.cuda.synchronize()
                 buf = io.StringIO()
                 pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
-                tag = "default" if not config else "one_stream"
-                (out_dir / f"cprofile_fb_{tag}.txt").write_text(buf.getvalue())
-                print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
+                (out_dir / "cprofile_fb_default.txt").write_text(buf.getvalue())
     dom_fused.dom_fused_attention = original
 
 
@@ -226,9 +227,12 @@ def main():
     ap.add_argument("--grid-csv", type=Path, help="also run the harness A/B (streams, launch path) into this folder")
     ap.add_argument("--launch-times", action="store_true", help="only the GPU time of each launch of a call")
     ap.add_argument("--step-profile", type=Path, help="only the grid step's host / GPU time, profile tables into this folder")
+    ap.add_argument("--configs", type=json.loads, default=[], help="--step-profile: dom_fused configs to compare (JSON list)")
+    ap.add_argument("--events", type=int, default=1024, help="--step-profile: batch size in events")
+    ap.add_argument("--rounds", type=int, default=1, help="--step-profile: times through the list")
     args = ap.parse_args()
     if args.step_profile:
-        return step_profile(args.step_profile)
+        return step_profile(args.step_profile, args.events, args.configs, args.rounds)
     if args.launch_times:
         return launch_times()
     dispatch_table()

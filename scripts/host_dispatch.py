@@ -102,9 +102,13 @@ def launch_times():
     from iceaggr_lib.testing import batch_from_dom_sizes, random_qkv
 
     table = generate_table(4096, seed=0)
-    for events, dtype, h in ((4, torch.bfloat16, 1), (1024, torch.bfloat16, 1), (4096, torch.bfloat16, 1),
-                             (1024, torch.float32, 1), (1024, torch.bfloat16, 8), (-1024, torch.bfloat16, 1),
-                             (4096, torch.float32, 1), (4096, torch.bfloat16, 8), (4096, torch.float32, 8)):
+    points = [(4, torch.bfloat16, 1, {}), (1024, torch.bfloat16, 1, {}), (4096, torch.bfloat16, 1, {}),
+              (1024, torch.float32, 1, {}), (1024, torch.bfloat16, 8, {}), (-1024, torch.bfloat16, 1, {}),
+              (4096, torch.float32, 1, {}), (4096, torch.bfloat16, 8, {}), (4096, torch.float32, 8, {}),
+              # fp32 runs its two tile roles in one launch by default: split them to see which costs
+              (4096, torch.float32, 1, dict(merged=False, concurrent=False)),
+              (4096, torch.float32, 8, dict(merged=False, concurrent=False))]
+    for events, dtype, h, config in points:
         b = table.batch(0, abs(events))
         if events < 0:  # the same pulses with every DOM above 64 pulses cut into DOMs of <= 64: no large DOMs
             sizes = np.concatenate([[64] * (n // 64) + ([n % 64] if n % 64 else []) if n > 64 else [n]
@@ -115,7 +119,7 @@ def launch_times():
         q, k, v = random_qkv(b.n_pulses, h, dh, dtype=dtype, device="cuda", requires_grad=True)
         g = torch.randn(b.n_doms, h, dh, device="cuda").to(dtype)
         call = lambda: torch.autograd.grad(dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx,
-                                                               b.dom_pulse_counts), (q, k, v), g)
+                                                               b.dom_pulse_counts, **config), (q, k, v), g)
         for _ in range(3):
             call()
         torch.cuda.synchronize()
@@ -128,7 +132,7 @@ def launch_times():
         per_call = len(kernels) // 5
         times = np.array([t for _, t in kernels]).reshape(5, per_call)
         names = [n.split("_kernel")[0].lstrip("_") for n, _ in kernels[:per_call]]
-        print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} max DOM {b.max_dom_pulses:>3}: "
+        print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} max DOM {b.max_dom_pulses:>3}{config or ''}: "
               + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, np.median(times, axis=0)))
               + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)
 

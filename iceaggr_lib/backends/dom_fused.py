@@ -23,7 +23,8 @@ by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` 
 * Two tile levels (default 16 and 64 rows): DOMs of n <= 16 go to 32-row tiles, 16 < n <= 64 to
   128-row tiles, so the ~(2T)^2 masked work per window stays small for the many tiny DOMs.
 * Several heads (``head_loop``, the default for n_heads > 1): a small-DOM program does every head of
-  its window, so the index loads, masks and window bookkeeping are paid once, not once per head;
+  its window, so the index loads, masks and window bookkeeping are paid once, not once per head, and
+  with a power-of-two head count (``head_batch``) all heads' tiles as one batch of 3-D dots;
   big-window programs stay one per head, so the long flash loops of large DOMs run in parallel.
 * At most one large DOM (``n > T``) can start in a window (it is then the window's last DOM). Its
   owner runs a flash-style loop over ``BL``-row query and key blocks with an online softmax and sums

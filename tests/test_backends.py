@@ -9,7 +9,9 @@ tool (they skip here).
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 
 import numpy as np
 import pytest
@@ -106,6 +108,11 @@ def test_cpu_random_batch(name, dtype, mode, heads):
     check_against_reference(name, batch, heads, 128 // heads, dtype, "cpu", mode, seed)
 
 
+# Inductor compiles CPU kernels as C++: without a compiler the compiled flex test can only fail, opaquely.
+HAVE_CXX = bool(shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++"))
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++, or $CXX)")
 def test_cpu_compiled_flex_block_forward():
     """Compiled FlexAttention with our BlockMask on CPU (forward only: no backward there). One small case:
     a cold CPU compile costs ~20 s on 2 cores. Compiled flex_dense is checked on CUDA (and its compile

@@ -7,7 +7,8 @@ For each point (events, dtype, heads): rel error of forward and gradients vs the
 rotating input sets), the memory floor (``iceaggr_lib.bench.memory_floor_bytes``, at 3 TB/s and at the
 measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
 prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
-times tile/warps/precision variants. ``--graphs`` times the whole layer forward at 16 events, eager
+times tile/warps/precision variants, ``--configs '[{...}, ...]'`` any dom_fused configs (JSON) at every
+point. ``--graphs`` times the whole layer forward at 16 events, eager
 and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
 """
 
@@ -126,7 +127,7 @@ def peak_memory(fn, batch, h, dh, dtype):
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn(qg, kg, vg)
-    grads = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    grads = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))  # noqa: F841 - alive for the peak
     torch.cuda.synchronize()
     fb_peak = torch.cuda.max_memory_allocated() - base + 3 * q.numel() * es
     return {"io_bytes": io, "fwd_peak_bytes": fwd_peak, "fwd_peak_over_io": fwd_peak / io,

@@ -183,9 +183,12 @@ def main(argv=None) -> int:
     for name in args.notebooks:  # never let a report show an earlier run's numbers
         for stale in ARTEFACTS[name]:
             (out / stale).unlink(missing_ok=True)
-    if args.results_dirs:  # one merged benchmark.csv / environment.json beside the report, for outside tools
-        write_merged(args.results_dirs, out)
     failed = []
+    if args.results_dirs:  # one merged benchmark.csv / environment.json beside the report, for outside tools
+        try:
+            write_merged(args.results_dirs, out)
+        except (FileNotFoundError, ValueError) as e:  # a missing part or a point in two parts: say so, go on
+            failed.append(f"merging --results-dirs: {e}")
     for name in args.notebooks:
         if name == "03_report" and not args.results_dirs and not (out / "benchmark.csv").exists():
             failed.append(f"{name}: skipped, no benchmark.csv")

@@ -84,6 +84,18 @@ def test_head_loop_fp32(sizes, levels, merged, head_batch):
                             head_loop=True, head_batch=head_batch)
 
 
+@needs_kernel
+def test_empty_batch():
+    """A batch with no pulses gives an empty output and empty gradients, not an error (no launch has work)."""
+    q, k, v = (torch.randn(0, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    out = dom_fused.dom_fused_attention(q, k, v, cu, empty, empty)
+    assert out.shape == (0, 2, 16)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(g.shape == (0, 2, 16) for g in grads)
+
+
 def test_head_batch_needs_head_loop():
     with pytest.raises(ValueError, match="head_batch"):
         dom_fused._resolve(torch.bfloat16, 128, 1, 1000, head_batch=True)

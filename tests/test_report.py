@@ -211,3 +211,15 @@ def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
     assert list(merged.columns) == CSV_COLUMNS and list(merged["dtype"]) == ["bfloat16", "float32"]
     env = json.loads((tmp_path / "out" / "environment.json").read_text())
     assert [m["device_name"] for m in env["merged_from"]] == ["GPU a", "GPU b"]
+
+
+def test_driver_names_a_missing_part_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A --results-dirs part without its CSV: the merge fails naming the file, the notebooks still run, exit 1."""
+    (tmp_path / "a").mkdir()
+    calls = []
+    monkeypatch.setattr(report, "run_notebook", lambda name, out_dir, parameters, kernel_name="python3":
+                        calls.append(name) or None)
+    code = report.main(["--out", str(tmp_path / "out"), "--notebooks", "03_report", "--no-html",
+                        "--results-dirs", str(tmp_path / "a")])
+    assert code == 1 and calls == ["03_report"]
+    assert str(tmp_path / "a" / "benchmark.csv") in capsys.readouterr().err

@@ -326,20 +326,26 @@ if HAVE_TRITON:
                  pooled.to(OUT.dtype.element_ty), mask=st[None, :, None])
 
     @triton.jit
+    def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr):
+        """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v)."""
+        bl = tl.arange(0, BL)
+        dcol = tl.arange(0, DH)
+        km = (ks + bl) < n_d
+        kr = s0 + ks + bl
+        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+        return km, kb, vb
+
+    @triton.jit
     def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
                     DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
         """Online softmax of the query block ``qb`` (BL x DH) over the n_d keys of one DOM starting at row s0:
         (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows."""
-        bl = tl.arange(0, BL)
-        dcol = tl.arange(0, DH)
         m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BL], dtype=tl.float32)
         acc = tl.zeros([BL, DH], dtype=tl.float32)
         for ks in range(0, n_d, BL):
-            km = (ks + bl) < n_d
-            kr = s0 + ks + bl
-            kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-            vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
             sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
             sb = tl.where(km[None, :], sb, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sb, axis=1))
@@ -387,10 +393,7 @@ if HAVE_TRITON:
                 di = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
                 dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
                 for ks in range(0, n_d, BL):
-                    km = (ks + bl) < n_d
-                    kr = s0 + ks + bl
-                    kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-                    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+                    km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
                     ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
                     sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
                     pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
@@ -562,11 +565,12 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
     _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
-    t_small, t_big, ((warps, stages), (large_warps, large_stages)), block, precision, merged, head_loop = _resolve(
-        q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)[:7]
+    plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)
+    t_small, t_big, block, precision = plan.t_small, plan.t_big, plan.block, plan.precision
+    (warps, stages), (large_warps, large_stages) = plan.warps
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n, n_heads, dh = q.shape
-    snhl = n_heads if head_loop else 1
+    snhl = n_heads if plan.head_loop else 1
     dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     n_win_big = -(-n // t_big)
@@ -576,7 +580,7 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
     spec = _BWD.specialize(args)
 
     def tiles():  # DOMs of n <= t_big: packed tiles
-        for role, grid in _launches(n, t_small, t_big, n_heads, merged, snhl):
+        for role, grid in _launches(n, t_small, t_big, n_heads, plan.merged, snhl):
             _BWD(grid, args, dict(T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, PREC=precision, ROLE=role,
                                   SNHL=snhl), warps, spec, stages)
 
@@ -624,7 +628,7 @@ def dom_fused_attention(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale=Non
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # nothing to differentiate: skip autograd.Function's host overhead (~10-15 µs a call)
         return fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, float(scale), **config)
-    _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
+    # fused_forward (in DomFusedAttention.forward) checks the inputs
     return DomFusedAttention.apply(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, float(scale), config)
 
 

@@ -8,7 +8,7 @@ rotating input sets), the memory floor (``iceaggr_lib.bench.memory_floor_bytes``
 measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
 prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
 times tile/warps/precision variants, ``--configs '[{...}, ...]'`` any dom_fused configs (JSON) at every
-point. ``--graphs`` times the whole layer forward at 16 events, eager
+point (``--fwd-only``: forward times only). ``--graphs`` times the whole layer forward at 16 events, eager
 and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
 """
 
@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--configs", type=json.loads, default=[],
                     help='extra dom_fused configs for every point, e.g. \'[{"levels": [8, 32]}]\'')
+    ap.add_argument("--fwd-only", action="store_true", help="time the forward only (sweeps; errors still checked)")
     ap.add_argument("--sweep-events", default="1024", type=lambda x: [int(e) for e in x.split(",")])
     ap.add_argument("--points", default="1024:bf16:1,4096:bf16:1,4096:fp32:1,4096:bf16:8,4096:fp32:8,1024:fp32:1,1024:bf16:8")
     args = ap.parse_args()
@@ -211,7 +212,8 @@ def main():
             try:
                 fn = fused_fn(b, scale, **cfg)
                 row.update(check(fn, b, h, dh, dtype, scale))
-                row.update(time_point(name, fn, b, h, dh, dtype))
+                row.update(time_point(name, fn, b, h, dh, dtype, ("forward",) if args.fwd_only else
+                                      ("forward", "forward_backward")))
                 if ev == 1024 and name == "dom_fused":
                     row.update(peak_memory(fn, b, h, dh, dtype))
             except Exception as e:  # record, keep going

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     failures = 0
     for dtype, (heads, dh), head_loop, merged, head_batch in itertools.product(
             (torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (False, True), (False, True), (False, True)):
-        if (head_loop and heads == 1) or (not merged and dtype == torch.float32):  # fp32 is merged by default
+        if (head_loop and heads == 1) or (not merged and dtype == torch.float32 and heads == 1):  # fp32 1x128: merged
             continue
         if head_batch and not head_loop:  # the heads as a batch axis: a variant of the head loop
             continue
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 if "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
                     role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"
                 else:
-                    role, tiles = {0: "merged", 1: "big", 2: "small"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"
+                    role, tiles = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"
                 res = "" if args.no_ptxas else ptxas_resources(kernel, args.arch)
                 print(f"{name} {way:<8} {role:<6} {tiles} warps {kw['num_warps']}: ok  {res}", flush=True)
     print(f"compile_check: {failures} plan(s) failed")

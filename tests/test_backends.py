@@ -112,7 +112,14 @@ def test_cpu_random_batch(name, dtype, mode, heads):
 HAVE_CXX = bool(shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++"))
 
 
+# Seen on the H100 image (torch 2.11.0+cu130, 2026-11-24): Inductor's C++ for the CPU flex_attention template does
+# not compile ("'cur_qSplitSize8' was not declared in this scope"), a bug of that torch; torch 2.13 (CI) compiles it.
+TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 @pytest.mark.skipif(not HAVE_CXX, reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++, or $CXX)")
+@pytest.mark.xfail(TORCH_VERSION < (2, 13), strict=False,
+                   reason="torch 2.11's Inductor emits CPU flex_attention C++ that does not compile (cur_qSplitSize8)")
 def test_cpu_compiled_flex_block_forward():
     """Compiled FlexAttention with our BlockMask on CPU (forward only: no backward there). One small case:
     a cold CPU compile costs ~20 s on 2 cores. Compiled flex_dense is checked on CUDA (and its compile
@@ -254,7 +261,9 @@ def test_cuda_realistic_batch(name, dtype):
     if name == "varlen" and dtype == torch.float32:
         pytest.skip("varlen is fp16/bf16 only (refusal tested above)")
     seed = fresh_seed()
-    batch = sample_table(256, seed).batch(0, 256)
+    # dense flex is O(N^2) in memory: 256 events (~30k pulses) asked 16 GiB for bf16 backward on an H100 (OOM)
+    n_events = 64 if name.startswith("flex_dense") else 256
+    batch = sample_table(n_events, seed).batch(0, n_events)
     check_against_reference(name, batch, 1, 128, dtype, "cuda", "forward_backward", seed)
 
 

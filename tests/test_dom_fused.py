@@ -85,6 +85,38 @@ def test_head_loop_fp32(sizes, levels, merged, head_batch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True)), (4, dict(head_loop=False)),
+                                            (2, dict(flash_block=32, flash_num_stages=1, precision="tf32x3_mask"))],
+                         ids=["h1", "h4_loop", "h4", "h2_flash_block"])
+@pytest.mark.parametrize("sizes", [
+    [3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1],
+    [17, 1, 16, 33, 2, 8, 9, 1, 50],
+], ids=["with_large", "edges"])
+def test_split_flash_fp32(sizes, n_heads, extra):
+    """``split_flash``: small tiles, big tiles and the large DOMs' flash loops as three launches; every DOM
+    of every level written once (a DOM missed or written by two roles fails the reference check)."""
+    check_against_reference(sizes, n_heads, 16, torch.float32, levels=(8, 16), bwd_levels=(8, 16), block=16,
+                            merged=False, split_flash=True, **extra)
+
+
+def test_split_flash_plan():
+    assert dom_fused._launches(100, 8, 16, 2, False, 2, split_flash=True) == [(2, (13,)), (4, (7,)), (3, (14,))]
+    assert dom_fused._launches(100, 8, 16, 2, False, 1, split_flash=True) == [(2, (26,)), (4, (14,)), (3, (14,))]
+    # "auto": with several heads where the tiles are two launches (not merged), forward only
+    for dtype in (torch.float32, torch.bfloat16):
+        assert dom_fused._resolve(dtype, 16, 8, 500_000).split_flash
+        assert not dom_fused._resolve(dtype, 16, 8, 100_000).split_flash  # merged below 400k pulses
+        assert not dom_fused._resolve(dtype, 128, 1, 500_000).split_flash
+        assert not dom_fused._resolve(dtype, 16, 8, 500_000, backward=True).split_flash
+    with pytest.raises(ValueError, match="split_flash"):
+        dom_fused._resolve(torch.float32, 16, 1, 1000, split_flash=True, tile=16)
+    with pytest.raises(ValueError, match="split_flash"):
+        dom_fused._resolve(torch.float32, 16, 1, 1000, split_flash=True, merged=True)
+    with pytest.raises(ValueError, match="precision"):
+        dom_fused._resolve(torch.float32, 16, 1, 1000, precision="tf64")
+
+
+@needs_kernel
 def test_empty_batch():
     """A batch with no pulses gives an empty output and empty gradients, not an error (no launch has work)."""
     q, k, v = (torch.randn(0, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
@@ -110,8 +142,9 @@ def test_head_batch_needs_head_loop():
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", [{}, dict(levels=(16, 64), bwd_levels=(16,), merged=False, block=64)],
-                         ids=["fp32_default", "bf16_default_plan"])
+@pytest.mark.parametrize("config", [{}, dict(levels=(16, 64), bwd_levels=(16,), merged=False, block=64),
+                                    dict(precision="tf32x3_mask"), dict(precision="tf32x3")],
+                         ids=["fp32_default", "bf16_default_plan", "tf32x3_mask", "tf32x3"])
 def test_random_sizes_fp32(config):
     check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3, **config)
 
@@ -123,6 +156,9 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     sizes = icecube_like_sizes(4000, seed=5)
     sizes[1234] = 455  # the largest DOM seen in the data
     check_against_reference(sizes, n_heads, head_dim, dtype, seed=5)
+    if dtype == torch.float32:  # both fp32 precisions, whichever the default is (errors near 1e-5 would show here)
+        for precision in ("tf32x3", "tf32x3_mask"):
+            check_against_reference(sizes, n_heads, head_dim, dtype, seed=9, precision=precision)
     if n_heads > 1:  # the other head layout, whichever the default is
         default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)

@@ -82,15 +82,24 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     ``bwd_block``: the backward's large-DOM passes; ``*num_stages``: Triton's software pipelining (None =
     its default). ``head_batch``: with ``head_loop``, the small-DOM tile of all heads as batched 3-D dots
     instead of a loop over the heads (forward); "auto" = wherever it applies (head_loop, power-of-two heads).
+    ``split_flash`` (forward, two levels, not merged): the big windows' tiles and their large DOMs' flash loops
+    as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
+    heads. ``flash_block`` / ``flash_num_stages``: that flash launch's block rows (None = ``block``) and
+    pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee".
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
+    # split_flash "auto" (runs 25-26, 4,096 events, do_bench fwd): 8x16 bf16 1.08 -> 0.86 ms, fp32 2.64 -> 2.15
+    # (with 64-row flash blocks); 1x128 slower (bf16 0.33 -> 0.36, fp32 1.30 -> 1.49), so only with several heads.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
+        # tf32x3_mask (run 26): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                     block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
-                    head_batch="auto", precision="tf32x3", merged=True, merge_below_pulses=0, head_loop=multi)
+                    head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
+                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
+                    split_flash="auto", flash_block=64 if multi else None, flash_num_stages=1 if multi else None)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
@@ -98,7 +107,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                 large_num_warps=4, block=64, bwd_block=64, num_stages=1 if multi else None, bwd_num_stages=None,
                 large_num_stages=None, head_batch="auto",
                 precision="ieee", merged="auto",
-                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi)
+                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
+                split_flash="auto", flash_block=None, flash_num_stages=1 if multi else None)
 
 
 class Plan(NamedTuple):
@@ -112,14 +122,23 @@ class Plan(NamedTuple):
     merged: bool
     head_loop: bool
     head_batch: bool
+    split_flash: bool = False
+    flash_block: int = 64  # a split_flash plan's flash launch: block rows,
+    flash_stages: int | None = None  # and num_stages
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
     """The plan of a forward or backward call on ``n_pulses`` pulses ("auto" settings resolved)."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
     plan, merge_below = _plan(dtype, head_dim, n_heads, backward, items)
+    if plan.split_flash is True:  # three launches: the tiles are not merged
+        if plan.merged is True:
+            raise ValueError("dom_fused: split_flash=True needs merged False or 'auto'")
+        return plan._replace(merged=False)
     if plan.merged == "auto":
         plan = plan._replace(merged=n_pulses < merge_below)
+    if plan.split_flash == "auto":  # several heads, two launches of tiles (not merged), a forward
+        plan = plan._replace(split_flash=n_heads > 1 and bool(plan.t_small) and not plan.merged and not backward)
     return plan
 
 
@@ -150,23 +169,63 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     head_batch = batchable if cfg["head_batch"] == "auto" else bool(cfg["head_batch"])
     if head_batch and not batchable:
         raise ValueError("dom_fused: head_batch needs head_loop and a power-of-two n_heads > 1")
-    plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch)
+    split_flash = cfg["split_flash"]
+    if split_flash not in ("auto", True, False):
+        raise ValueError(f"dom_fused: split_flash must be True, False or 'auto', got {split_flash!r}")
+    if backward:
+        split_flash = False  # the backward's large DOMs have launches of their own already
+    elif split_flash is True and not t_small:
+        raise ValueError("dom_fused: split_flash needs two tile levels")
+    if cfg["precision"] not in ("tf32x3_mask", "tf32x3", "tf32", "ieee"):
+        raise ValueError(f"dom_fused: precision must be 'tf32x3_mask', 'tf32x3', 'tf32' or 'ieee', got {cfg['precision']!r}")
+    flash_block = cfg["flash_block"] or block
+    if flash_block < 16 or flash_block & (flash_block - 1):
+        raise ValueError(f"dom_fused: flash_block must be a power of two >= 16, got {flash_block}")
+    plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
+                split_flash, flash_block, cfg["flash_num_stages"])
     return plan, cfg["merge_below_pulses"]
 
 
-def _launches(n, t_small, t_big, n_heads, merged, snhl):
+def _launches(n, t_small, t_big, n_heads, merged, snhl, split_flash=False):
     """[(role, grid)] in launch order; n_win_big (the merged kernel's split point) is cdiv(n, t_big).
-    Big-role programs do one head each; small-role programs (and a single-level plan's) ``snhl`` heads."""
+    Big-role programs do one head each; small-role programs (and a single-level plan's) ``snhl`` heads.
+    ``split_flash`` (forward, two levels): small tiles, big tiles (``snhl`` heads per program, like the small
+    ones) and flash loops (one head per program) as three launches."""
     spw = n_heads // snhl
     n_small, n_big = (-(-n // t_small) if t_small else 0), -(-n // t_big)  # cdiv (triton.cdiv costs µs)
     if not t_small:
         return [(0, (n_big * spw,))]
+    if split_flash:
+        return [(2, (n_small * spw,)), (4, (n_big * spw,)), (3, (n_big * n_heads,))]
     if merged:
         return [(0, (n_big * n_heads + n_small * spw,))]
     return [(2, (n_small * spw,)), (1, (n_big * n_heads,))]
 
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _tf32_hi(x):
+        """``x`` (fp32) rounded to tf32's 10 mantissa bits (to nearest, ties away from zero), as fp32."""
+        return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mm(a, b, PREC: tl.constexpr):
+        """``tl.dot(a, b)`` at precision PREC. "tf32x3_mask" is tf32x3 with the operand split written here:
+        hi = x rounded to tf32 by integer ops on its bits, lo = x - hi (exact), then
+        a_lo b_hi + a_hi b_lo + a_hi b_hi on the tensor cores; Triton's own "tf32x3" rounds both halves with
+        ``cvt.rna.tf32.f32``, which sm_90 runs as a sequence of integer and compare instructions per element.
+        lo goes to the tensor cores unrounded (they drop its low 13 bits): an error of <= 2^-21 of x."""
+        if PREC == "tf32x3_mask" and a.dtype == tl.float32 and b.dtype == tl.float32:
+            a_hi = _tf32_hi(a)
+            b_hi = _tf32_hi(b)
+            acc = tl.dot(a - a_hi, b_hi, input_precision="tf32")
+            acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
+            return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+        elif PREC == "tf32x3_mask":  # 16-bit operands: the tensor cores take them as they are
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
     def _window(DOM, CU, N, win, T: tl.constexpr):
@@ -180,58 +239,71 @@ if HAVE_TRITON:
         return w0, d_lo, d_hi
 
     @triton.jit
+    def _same_dom(own, dom_r, T2: tl.constexpr):
+        """(T2, T2) mask of the tile's pairs (query row, key row) of owned rows of one DOM, by one compare per
+        pair: rows not owned get ids below zero that match nothing (query and key ids of them differ)."""
+        i = tl.arange(0, T2)
+        kid = tl.where(own, dom_r, -1 - i)
+        qid = tl.where(own, dom_r, -1 - T2 - i)
+        return qid[:, None] == kid[None, :]
+
+    @triton.jit
     def _tile_softmax(q, k, own, dom_r, qk_scale, PREC: tl.constexpr):
         """Row softmax of the packed tile's scores (2T x 2T), restricted to pairs of owned rows of the same DOM
-        (log2 domain: ``qk_scale`` includes log2 e); rows without any such pair come out as zeros."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :])
-        s = tl.where(valid, s, float("-inf"))
+        (log2 domain: ``qk_scale`` includes log2 e); rows without any such pair come out as zeros. The scale
+        is applied inside the exponent (one fused multiply-add per score: max(s) * scale = max(s * scale))."""
+        s = _mm(q, tl.trans(k), PREC)
+        s = tl.where(_same_dom(own, dom_r, q.shape[0]), s, float("-inf"))
         m = tl.max(s, axis=1)
-        p = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
+        m = tl.where(m == float("-inf"), 0.0, m * qk_scale)  # a row without pairs: all exp2(-inf) = 0
+        p = tl.exp2(s * qk_scale - m[:, None])
         l = tl.sum(p, axis=1)
-        return p / tl.where(l > 0, l, 1.0)[:, None]
+        return p * (1.0 / tl.where(l > 0, l, 1.0))[:, None]
 
     @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
-                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False):
+                   BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False,
+                   HAS_TILE: tl.constexpr = True):
         """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads.
-        ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them."""
+        ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them.
+        ``HAS_TILE`` / ``HAS_LARGE``: whether this program does its window's tile / its large DOM."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
         # ---- small DOMs: one 2T-row masked tile --------------------------------------------------
-        rows = w0 + tl.arange(0, 2 * T)
-        in_n = rows < N
-        dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
-        cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
-        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
-        if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
-            rows64 = rows.to(tl.int64)
-            out_d = d_lo + tl.arange(0, T)
-            if HB:
-                _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
-                                sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL)
-            else:
-                # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
-                # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
-                for hh in tl.static_range(NHL):
-                    h = h0 + hh
-                    multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-                    q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                    k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                    v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-                    p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
-                    cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-                    w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
-                    sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
-                    pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
-                    pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (T, DH)
-                    out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
-                    st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
-                    tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
-                             pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+        if HAS_TILE:
+            rows = w0 + tl.arange(0, 2 * T)
+            in_n = rows < N
+            dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
+            cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
+            own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+            if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
+                rows64 = rows.to(tl.int64)
+                out_d = d_lo + tl.arange(0, T)
+                if HB:
+                    _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
+                                    sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL)
+                else:
+                    # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
+                    # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
+                    for hh in tl.static_range(NHL):
+                        h = h0 + hh
+                        multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+                        q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                        k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                        v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                        p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
+                        cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+                        w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
+                        sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
+                        pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
+                        pooled = _mm(pool_mat, v, PREC)  # (T, DH)
+                        out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+                        st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+                        tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
+                                 pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
         # ---- the (at most one) large DOM starting in this window: flash loop --------------------
         if HAS_LARGE:
@@ -284,8 +356,8 @@ if HAVE_TRITON:
                 u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
                 di = tl.sum(p * u[None, :], axis=1)
                 ds = p * (u[None, :] - di[:, None])
-                dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * sm_scale
-                dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * sm_scale
+                dq = _mm(ds.to(q.dtype), k, PREC) * sm_scale
+                dk = _mm(tl.trans(ds).to(q.dtype), q, PREC) * sm_scale
                 w = tl.sum(p, axis=0) / cntf
                 dv = w[:, None] * g
                 offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
@@ -308,18 +380,18 @@ if HAVE_TRITON:
                     mask=multi[None, :, None], other=0.0)
         v = tl.load(V + hcol[:, None, None] * sv_h + rows64[None, :, None] * sv_n + dcol[None, None, :],
                     mask=own[None, :, None], other=0.0)
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PREC) * qk_scale  # (NHL, 2T, 2T), log2 domain
-        valid = (own[:, None] & own[None, :] & (dom_r[:, None] == dom_r[None, :]))[None, :, :]
-        s = tl.where(valid, s, float("-inf"))
+        s = _mm(q, tl.permute(k, (0, 2, 1)), PREC)  # (NHL, 2T, 2T); softmax as in _tile_softmax
+        s = tl.where(_same_dom(own, dom_r, 2 * T)[None, :, :], s, float("-inf"))
         m = tl.max(s, axis=2)
-        p = tl.where(valid, tl.exp2(s - m[:, :, None]), 0.0)
+        m = tl.where(m == float("-inf"), 0.0, m * qk_scale)
+        p = tl.exp2(s * qk_scale - m[:, :, None])
         l = tl.sum(p, axis=2)
-        p = p / tl.where(l > 0, l, 1.0)[:, :, None]
+        p = p * (1.0 / tl.where(l > 0, l, 1.0))[:, :, None]
         cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-        w = tl.sum(p, axis=1) / cntf[None, :]  # (NHL, 2T): pooling weight of each key row, per head
+        w = tl.sum(p, axis=1) * (1.0 / cntf)[None, :]  # (NHL, 2T): pooling weight of each key row, per head
         sel = ((dom_r[None, :] == out_d[:, None]) & own[None, :])[None, :, :]  # (1, T, 2T)
         pool_mat = tl.where(sel, w[:, None, :], 0.0).to(v.dtype)  # (NHL, T, 2T)
-        pooled = tl.dot(pool_mat, v, input_precision=PREC)  # (NHL, T, DH)
+        pooled = _mm(pool_mat, v, PREC)  # (NHL, T, DH)
         out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
         st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
         tl.store(OUT + hcol[:, None, None] * so_h + out_d.to(tl.int64)[None, :, None] * so_d + dcol[None, None, :],
@@ -340,21 +412,22 @@ if HAVE_TRITON:
     def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
                     DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
         """Online softmax of the query block ``qb`` (BL x DH) over the n_d keys of one DOM starting at row s0:
-        (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows."""
+        (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
+        kept unscaled and the scale applied inside the exponents (one fused multiply-add per score)."""
         m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BL], dtype=tl.float32)
         acc = tl.zeros([BL, DH], dtype=tl.float32)
         for ks in range(0, n_d, BL):
             km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
-            sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
+            sb = _mm(qb, tl.trans(kb), PREC)
             sb = tl.where(km[None, :], sb, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            pb = tl.exp2(sb - m_new[:, None])
+            alpha = tl.exp2((m_i - m_new) * qk_scale)
+            pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
             l_i = l_i * alpha + tl.sum(pb, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(pb.to(vb.dtype), vb, input_precision=PREC)
+            acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
             m_i = m_new
-        return m_i, l_i, acc
+        return m_i * qk_scale, l_i, acc
 
     @triton.jit
     def _bwd_large_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
@@ -395,10 +468,10 @@ if HAVE_TRITON:
                 for ks in range(0, n_d, BL):
                     km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
                     ub = tl.sum(vb.to(tl.float32) * gv[None, :], axis=1) * inv_n
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    pb = tl.where(km[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                    sb = _mm(qb, tl.trans(kb), PREC)
+                    pb = tl.where(km[None, :], tl.exp2(sb * qk_scale - lse[:, None]), 0.0)
                     dsb = pb * (ub[None, :] - di[:, None])
-                    dq_acc += tl.dot(dsb.to(kb.dtype), kb, input_precision=PREC)
+                    dq_acc += _mm(dsb.to(kb.dtype), kb, PREC)
                 tl.store(DQ + rows64[:, None] * sd_n + h * sd_h + dcol[None, :],
                          (dq_acc * sm_scale).to(DQ.dtype.element_ty), mask=mine[:, None])
                 tl.store(LSE + rows64 * sx_n + h, lse, mask=mine)
@@ -415,10 +488,10 @@ if HAVE_TRITON:
                     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
                     lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0)
                     di = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0)
-                    sb = tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale
-                    pb = tl.where(qm[:, None] & mine[None, :], tl.exp2(sb - lse[:, None]), 0.0)
+                    sb = _mm(qb, tl.trans(kb), PREC)
+                    pb = tl.where(qm[:, None] & mine[None, :], tl.exp2(sb * qk_scale - lse[:, None]), 0.0)
                     dsb = pb * (ub[None, :] - di[:, None])
-                    dk_acc += tl.dot(tl.trans(dsb).to(qb.dtype), qb, input_precision=PREC)
+                    dk_acc += _mm(tl.trans(dsb).to(qb.dtype), qb, PREC)
                     colp += tl.sum(pb, axis=0)
                 tl.store(DK + rows64[:, None] * sd_n + h * sd_h + dcol[None, :],
                          (dk_acc * sm_scale).to(DK.dtype.element_ty), mask=mine[:, None])
@@ -454,11 +527,22 @@ if HAVE_TRITON:
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
         then takes the register budget of the big role for all programs. ROLE 2 / ROLE 1 run only the
         small / only the big role, one launch each. With T_SMALL == 0 there is one role (tiles of T_BIG
-        and the flash loop), one head per program unless SNHL says otherwise."""
+        and the flash loop), one head per program unless SNHL says otherwise. ``split_flash`` plans launch
+        the big windows' two jobs apart: ROLE 4 their tiles (SNHL heads per program, like the small role) and
+        ROLE 3 their large DOMs' flash loops (one head per program), so each compiles to its own register
+        and shared-memory budget instead of the larger of the two."""
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
                        0, T_BIG, True, DH, BL, PREC, SNHL, HB)
+        elif ROLE == 3:
+            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                       tl.program_id(0) // NH, tl.program_id(0) % NH, T_SMALL, T_BIG, True, DH, BL, PREC, 1,
+                       False, False)
+        elif ROLE == 4:
+            _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                       tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
+                       T_SMALL, T_BIG, False, DH, BL, PREC, SNHL, False)
         else:
             big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
             if big:
@@ -552,9 +636,13 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
     spec = _FWD.specialize(args)
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
                       SNHL=snhl, HB=plan.head_batch)
-    launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role), warps, spec, stages)
-              for role, grid in _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl)]
-    if len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones
+    flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
+    launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
+                                                warps, spec, plan.flash_stages if role == 3 else stages)
+              for role, grid in _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)]
+    if len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles
+        run_concurrently(q.device, lambda: (launch[0](), launch[1]()), launch[2])
+    elif len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones
         run_concurrently(q.device, launch[1], launch[0])
     else:
         for fn in launch:

@@ -1,0 +1,85 @@
+"""GPU time of each launch of a dom_fused forward, per configuration; a driver for Nsight Compute.
+
+    PYTHONPATH=$PWD python3 scripts/profile_roles.py --points 4096:fp32:1,4096:bf16:8 \\
+        [--configs '[{"split_flash": true}, ...]'] [--ncu]
+
+For each point (events:dtype:heads, head_dim = 128 / heads, the sample generator's batch) and each
+config (the default first), five forward calls under ``torch.no_grad`` on one stream (``concurrent=False``,
+so launches do not overlap and each one's time is its own): the median GPU time of each launch, from the
+profiler's kernel records (warm L2, one input set). The role of a launch is named from the plan
+(``dom_fused._launches``): small (tiles of DOMs <= T_small), big (tiles of T_small < n <= T_big and the
+large DOMs' flash loops), merged (both), big_tiles / flash (``split_flash``).
+
+``--ncu``: no profiler; after two warm-up calls, one call between ``cudaProfilerStart`` / ``Stop`` per
+point and config, for ``ncu --profile-from-start off`` to profile (one kernel record per launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+ROLE_NAMES = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--points", default="4096:fp32:1,4096:bf16:8,4096:fp32:8")
+    ap.add_argument("--configs", type=json.loads, default=[])
+    ap.add_argument("--ncu", action="store_true")
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    from iceaggr_lib.backends import dom_fused
+    from iceaggr_lib.data.sample import generate_table
+    from iceaggr_lib.testing import random_qkv
+
+    points = [p.split(":") for p in args.points.split(",")]
+    table = generate_table(max(int(e) for e, _, _ in points), seed=0)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for events, dname, heads in points:
+        b = table.batch(0, int(events)).to("cuda")
+        h, dtype = int(heads), dtypes[dname]
+        dh = 128 // h
+        q, k, v = random_qkv(b.n_pulses, h, dh, dtype=dtype, device="cuda")
+        for config in [{}] + args.configs:
+            config = {key: tuple(val) if isinstance(val, list) else val for key, val in config.items()}
+            plan = dom_fused._resolve(dtype, dh, h, b.n_pulses, **config)
+            roles = [ROLE_NAMES[r] for r, _ in dom_fused._launches(
+                b.n_pulses, plan.t_small, plan.t_big, h, plan.merged, h if plan.head_loop else 1, plan.split_flash)]
+
+            def call():
+                return dom_fused.dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts,
+                                                     concurrent=False, **config)
+            label = f"{events} ev {dname} {h}x{dh} {json.dumps(config) if config else 'default'}"
+            with torch.no_grad():
+                try:
+                    call(); call()
+                    torch.cuda.synchronize()
+                except Exception as e:  # record, keep going
+                    print(f"{label}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                if args.ncu:
+                    torch.cuda.cudart().cudaProfilerStart()
+                    call()
+                    torch.cuda.synchronize()
+                    torch.cuda.cudart().cudaProfilerStop()
+                    print(f"{label}: profiled launches {roles}", flush=True)
+                    continue
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        call()
+                    torch.cuda.synchronize()
+            times = [e.time_range.elapsed_us() for e in prof.events()
+                     if e.name.startswith("_fwd_kernel") and e.device_type.name == "CUDA"]
+            times = np.array(times).reshape(5, len(roles))
+            med = np.median(times, axis=0)
+            print(f"{label}: " + ", ".join(f"{r} {t:.1f}" for r, t in zip(roles, med))
+                  + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

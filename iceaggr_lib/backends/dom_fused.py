@@ -41,9 +41,13 @@ as query rows in pass 1 (softmax recomputed by an online sweep over the DOM's ke
 ``Di`` of the DOM's query rows from an ``(N, H)`` fp32 scratch). A 400-pulse DOM's backward is thus
 spread over 7 programs instead of one serial loop of ~150 block steps.
 
+With several heads and many pulses (``split_flash``) the big windows' tiles and their large DOMs' flash
+loops are two launches, so that each compiles to its own register budget.
+
 Precision: accumulation is fp32; bf16/fp16 feed the tensor cores directly. fp32 must not use plain
-tf32 (it would miss the 1e-5 tolerance): the fp32 default is ``input_precision="tf32x3"`` (three
-tf32 passes: ~2e-7 measured, 2-3x faster than ``"ieee"``, the FMA-unit option). Grid:
+tf32 (it would miss the 1e-5 tolerance): the fp32 default is ``"tf32x3_mask"`` (three tf32 passes with
+the operand split done by bit masks in the kernel, ``_mm``; errors at the fp32 rounding of the output,
+5.7e-8 measured), ``"tf32x3"`` is Triton's own split (slower on sm_90), ``"ieee"`` the FMA units. Grid:
 ``(n_windows * H,)``, heads of one window adjacent; only axis 0 grows with the batch.
 Measurements, versions and what is left: docs/dom_fused_notes.md.
 """
@@ -91,10 +95,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
-    # split_flash "auto" (runs 25-26, 4,096 events, do_bench fwd): 8x16 bf16 1.08 -> 0.86 ms, fp32 2.64 -> 2.15
+    # split_flash "auto" (runs 25, 27; 4,096 events, do_bench fwd): 8x16 bf16 1.08 -> 0.86 ms, fp32 2.64 -> 2.15
     # (with 64-row flash blocks); 1x128 slower (bf16 0.33 -> 0.36, fp32 1.30 -> 1.49), so only with several heads.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
-        # tf32x3_mask (run 26): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
+        # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                     block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
                     head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,

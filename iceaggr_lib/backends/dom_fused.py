@@ -244,6 +244,17 @@ if HAVE_TRITON:
         return w0, d_lo, d_hi
 
     @triton.jit
+    def _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO: tl.constexpr, T: tl.constexpr):
+        """The 2T rows of a window's tile from ``w0``: (rows, DOM id, DOM size, owned: the row's DOM starts in
+        the window and has LO < n <= T pulses, i.e. belongs to this tile level)."""
+        rows = w0 + tl.arange(0, 2 * T)
+        in_n = rows < N
+        dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
+        cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
+        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+        return rows, dom_r, cnt_r, own
+
+    @triton.jit
     def _same_dom(own, dom_r, T2: tl.constexpr):
         """(T2, T2) mask of the tile's pairs (query row, key row) of owned rows of one DOM, by one compare per
         pair: rows not owned get ids below zero that match nothing (query and key ids of them differ)."""
@@ -279,11 +290,7 @@ if HAVE_TRITON:
 
         # ---- small DOMs: one 2T-row masked tile --------------------------------------------------
         if HAS_TILE:
-            rows = w0 + tl.arange(0, 2 * T)
-            in_n = rows < N
-            dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
-            cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
-            own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+            rows, dom_r, cnt_r, own = _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO, T)
             if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
                 rows64 = rows.to(tl.int64)
                 out_d = d_lo + tl.arange(0, T)
@@ -341,11 +348,7 @@ if HAVE_TRITON:
         dcol = tl.arange(0, DH)
 
         # ---- small DOMs --------------------------------------------------------------------------
-        rows = w0 + tl.arange(0, 2 * T)
-        in_n = rows < N
-        dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
-        cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
-        own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
+        rows, dom_r, cnt_r, own = _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO, T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
             rows64 = rows.to(tl.int64)
             for hh in tl.static_range(NHL):  # one head's order of operations, as in the forward

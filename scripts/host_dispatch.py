@@ -92,10 +92,29 @@ def dispatch_table():
                 flush=True)
 
 
+def per_launch_us(call, n_calls=5, prefixes=("_fwd_kernel", "_bwd_")):
+    """(names, times): the GPU µs of each kernel launch of ``call()`` whose name starts with one of
+    ``prefixes``, as an (n_calls, launches per call) array, from the profiler's CUDA kernel records (CUPTI
+    durations, which no host delay inflates); warm L2, the same inputs each call. ``scripts/profile_roles.py``
+    uses it too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_calls):
+            call()
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+               if e.name.startswith(prefixes) and e.device_type.name == "CUDA"]
+    if not kernels or len(kernels) % n_calls:
+        raise RuntimeError(f"per_launch_us: {len(kernels)} kernel records for {n_calls} calls (prefixes {prefixes})")
+    per_call = len(kernels) // n_calls
+    names = [n for n, _ in kernels[:per_call]]
+    return names, np.array([t for _, t in kernels]).reshape(n_calls, per_call)
+
+
 def launch_times():
     """GPU time of each launch of one call (forward, then forward + backward), in launch order, from the
     profiler's kernel records: shows which launch (small tiles, big tiles, large-DOM passes) bounds a call."""
-    from torch.profiler import ProfilerActivity, profile
 
     from iceaggr_lib.backends.dom_fused import dom_fused_attention
     from iceaggr_lib.data.sample import generate_table
@@ -123,15 +142,8 @@ def launch_times():
         for _ in range(3):
             call()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                call()
-            torch.cuda.synchronize()
-        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-                   if e.name.startswith(("_fwd_kernel", "_bwd_")) and e.device_type.name == "CUDA"]
-        per_call = len(kernels) // 5
-        times = np.array([t for _, t in kernels]).reshape(5, per_call)
-        names = [n.split("_kernel")[0].lstrip("_") for n, _ in kernels[:per_call]]
+        names, times = per_launch_us(call)
+        names = [n.split("_kernel")[0].lstrip("_") for n in names]
         print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} max DOM {b.max_dom_pulses:>3}{config or ''}: "
               + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, np.median(times, axis=0)))
               + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)

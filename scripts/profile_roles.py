@@ -31,13 +31,15 @@ def main():
     ap.add_argument("--configs", type=json.loads, default=[])
     ap.add_argument("--ncu", action="store_true")
     args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
+    from host_dispatch import per_launch_us  # scripts/ is on sys.path when this file runs as a script
 
     from iceaggr_lib.backends import dom_fused
     from iceaggr_lib.data.sample import generate_table
     from iceaggr_lib.testing import random_qkv
 
     points = [p.split(":") for p in args.points.split(",")]
+    if any(len(p) != 3 or not p[0].isdigit() or p[1] not in ("bf16", "fp32") or not p[2].isdigit() for p in points):
+        ap.error(f"--points: events:dtype:heads with dtype bf16 or fp32, comma-separated; got {args.points!r}")
     table = generate_table(max(int(e) for e, _, _ in points), seed=0)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for events, dname, heads in points:
@@ -69,13 +71,7 @@ def main():
                     torch.cuda.cudart().cudaProfilerStop()
                     print(f"{label}: profiled launches {roles}", flush=True)
                     continue
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        call()
-                    torch.cuda.synchronize()
-            times = [e.time_range.elapsed_us() for e in prof.events()
-                     if e.name.startswith("_fwd_kernel") and e.device_type.name == "CUDA"]
-            times = np.array(times).reshape(5, len(roles))
+                _, times = per_launch_us(call, 5, ("_fwd_kernel",))
             med = np.median(times, axis=0)
             print(f"{label}: " + ", ".join(f"{r} {t:.1f}" for r, t in zip(roles, med))
                   + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)

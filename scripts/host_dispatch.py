@@ -176,6 +176,30 @@ def grid_ab(out_dir: Path):
     triton_launch.ENABLED = True
 
 
+class _NullAttention(torch.autograd.Function):
+    """The harness's own floor: an autograd op with dom_fused's inputs and outputs that allocates its results
+    (one forward output, three gradients, like dom_fused) and launches no kernel. Its step's host time is what
+    the grid's step costs around any backend on this machine (autograd engine, allocation, the harness)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n_doms):
+        ctx.save_for_backward(q, k, v)
+        return q.new_empty((n_doms, q.shape[1], q.shape[2]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+def _null_spec():
+    import dataclasses
+
+    from iceaggr_lib.backends import get_backend
+    return dataclasses.replace(get_backend("dom_fused"), name="null",
+                               attend=lambda q, k, v, b, prep, scale: _NullAttention.apply(q, k, v, b.n_doms))
+
+
 def step_profile(out_dir: Path, events: int = 1024, configs=(), rounds: int = 1):
     """Grid step (forward + backward and forward) of dom_fused (default and ``configs``) and flex_block: host
     µs per step (enqueue loop, one sync at the end), GPU µs per step (profiler kernel sum, the L2 flush left
@@ -196,13 +220,14 @@ def step_profile(out_dir: Path, events: int = 1024, configs=(), rounds: int = 1)
     inputs = bench._make_inputs(batches, 1, 128, torch.bfloat16, dev, seed=1)
     original = dom_fused.dom_fused_attention
     configs = [{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for c in configs]
-    variants = [("dom_fused", {})] + [("dom_fused", c) for c in configs] + [("flex_block", {})]
+    variants = [("dom_fused", {})] + [("dom_fused", c) for c in configs] + [("null", {}), ("flex_block", {})]
     print(f"{'backend':<60}{'mode':<18}{'host':>8}{'gpu':>8}{'grid':>8}{'p20-p80':>14}  "
           f"[µs per step, {events} events bf16 1x128]")
     for backend, config in variants * rounds:
         dom_fused.dom_fused_attention = functools.partial(original, **config)
         for mode in ("forward", "forward_backward"):
-            step = bench._make_step(get_backend(backend), inputs, mode, 128 ** -0.5, torch.bfloat16)
+            spec = _null_spec() if backend == "null" else get_backend(backend)
+            step = bench._make_step(spec, inputs, mode, 128 ** -0.5, torch.bfloat16)
             for _ in range(6):
                 step()
             host = host_us(step, n=60)
@@ -220,7 +245,7 @@ def step_profile(out_dir: Path, events: int = 1024, configs=(), rounds: int = 1)
             if backend == "dom_fused" and not config:
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
                 (out_dir / f"profile_{mode}.txt").write_text(table)
-            if backend == "dom_fused" and mode == "forward_backward" and not config:
+            if backend == "dom_fused" and not config:
                 # where the host's wall time goes, Python and C calls alike (cProfile's clock is wall time)
                 import cProfile
                 import io
@@ -233,8 +258,8 @@ def step_profile(out_dir: Path, events: int = 1024, configs=(), rounds: int = 1)
                 pr.disable()
                 torch.cuda.synchronize()
                 buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
-                (out_dir / "cprofile_fb_default.txt").write_text(buf.getvalue())
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(40)
+                (out_dir / f"cprofile_{mode}.txt").write_text(buf.getvalue())
     dom_fused.dom_fused_attention = original
 
 

@@ -133,14 +133,20 @@ class Plan(NamedTuple):
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
     """The plan of a forward or backward call on ``n_pulses`` pulses ("auto" settings resolved)."""
-    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
-    plan, merge_below = _plan(dtype, head_dim, n_heads, backward, items)
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items())) if config else ()
+    merge_below = _plan(dtype, head_dim, n_heads, backward, items)[1]
+    return _resolved(dtype, head_dim, n_heads, backward, items, n_pulses < merge_below)
+
+
+@functools.lru_cache(maxsize=256)  # the host time of a call matters (see triton_launch.py): resolve once
+def _resolved(dtype, head_dim, n_heads, backward, items, below_merge) -> Plan:
+    plan = _plan(dtype, head_dim, n_heads, backward, items)[0]
     if plan.split_flash is True:  # three launches: the tiles are not merged
         if plan.merged is True:
             raise ValueError("dom_fused: split_flash=True needs merged False or 'auto'")
         return plan._replace(merged=False)
     if plan.merged == "auto":
-        plan = plan._replace(merged=n_pulses < merge_below)
+        plan = plan._replace(merged=below_merge)
     if plan.split_flash == "auto":  # several heads, two launches of tiles (not merged), a forward
         plan = plan._replace(split_flash=n_heads > 1 and bool(plan.t_small) and not plan.merged and not backward)
     return plan

@@ -95,18 +95,21 @@ class FastLaunch:
         spec = self._spec
         return device, tuple(spec(backend, a, False, True, True) for a in args)
 
+    @staticmethod
+    def _options(num_warps, num_stages):
+        return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, spec=False, num_stages=None):
         """Launch; ``spec``: from ``specialize(args)`` when the caller has it already; ``num_stages``: None
         for Triton's default."""
-        options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
         if spec is False:
             spec = self.specialize(args)
         if spec is None:
-            return self.jit_fn[grid](*args, **constexprs, **options)
+            return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
         key = (spec, tuple(constexprs.values()), num_warps, num_stages)
         kernel = self.kernels.get(key)
         if kernel is None:  # Triton's own launch compiles (or finds) the kernel and launches it
-            kernel = self.jit_fn[grid](*args, **constexprs, **options)
+            kernel = self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
             self.kernels[key] = kernel
             return kernel
         full = list(args)
@@ -119,7 +122,21 @@ class FastLaunch:
         return kernel
 
 
-_SIDE: dict = {}  # device index -> (side stream, fork event, join event)
+_SIDE: dict = {}  # device index -> (side stream, its ids, fork event, join event)
+_STREAMS: dict = {}  # (stream id, device index, device type) -> torch.cuda.Stream, for the current stream
+
+
+def _current_stream_object(idx: int):
+    """The current CUDA stream of device ``idx`` as a ``torch.cuda.Stream`` (and its ids), made once per stream:
+    ``torch.cuda.current_stream()`` resolves the device and builds a new Python object at every call, which
+    costs ~10-20 µs on the lent H100's host (cProfile, session 5), on every forward that forks."""
+    ids = torch._C._cuda_getCurrentStream(idx)
+    stream = _STREAMS.get(ids)
+    if stream is None:
+        if len(_STREAMS) > 64:  # a program that makes streams by the thousand: keep the cache small
+            _STREAMS.clear()
+        stream = _STREAMS[ids] = torch.cuda.Stream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
+    return stream, ids
 
 
 def run_concurrently(device: torch.device, on_current, on_side) -> None:
@@ -130,17 +147,23 @@ def run_concurrently(device: torch.device, on_current, on_side) -> None:
     Why: a launch whose programs are uneven (a few long large-DOM programs among many short ones) leaves
     most SMs idle during its tail; a second, independent launch on another stream fills them. Tensors
     made on the current stream may be used in ``on_side``: the join orders any later reuse of their
-    memory after it."""
+    memory after it. The stream switch is the raw ``_cuda_setStream`` (what ``torch.cuda.stream(...)`` does
+    after its Python checks), restored in a ``finally``."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     side = _SIDE.get(idx)
     if side is None:
-        side = _SIDE[idx] = (torch.cuda.Stream(idx), torch.cuda.Event(), torch.cuda.Event())
-    stream, fork, join = side
-    current = torch.cuda.current_stream(idx)
+        stream = torch.cuda.Stream(idx)
+        side = _SIDE[idx] = (stream, (stream.stream_id, stream.device_index, stream.device_type),
+                             torch.cuda.Event(), torch.cuda.Event())
+    stream, side_ids, fork, join = side
+    current, ids = _current_stream_object(idx)
     fork.record(current)
     stream.wait_event(fork)
     on_current()
-    with torch.cuda.stream(stream):
+    torch._C._cuda_setStream(stream_id=side_ids[0], device_index=side_ids[1], device_type=side_ids[2])
+    try:
         on_side()
+    finally:
+        torch._C._cuda_setStream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
     join.record(stream)
     current.wait_event(join)

@@ -95,16 +95,24 @@ def main(argv=None) -> int:
 
     batch = batch_from_dom_sizes([1, 2, 3, 70, 1, 20], seed=0)
     failures = 0
+    plans = []
     for dtype, (heads, dh), head_loop, merged, head_batch in itertools.product(
             (torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (False, True), (False, True), (False, True)):
         if (head_loop and heads == 1) or (not merged and dtype == torch.float32 and heads == 1):  # fp32 1x128: merged
             continue
         if head_batch and not head_loop:  # the heads as a batch axis: a variant of the head loop
             continue
-        q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
-        cfg = dict(head_loop=head_loop, merged=merged, head_batch=head_batch)
         name = (f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}"
                 f"{' head_batch' if head_batch else ''}{' merged' if merged else ''}")
+        plans.append((name, dtype, heads, dh, dict(head_loop=head_loop, merged=merged, head_batch=head_batch)))
+    # the test suite's small tile levels (8 rows: below Triton's smallest dot for T x T tiles), every role
+    small = dict(levels=(8, 16), bwd_levels=(8, 16), block=16)
+    for extra in (dict(levels=(8,), bwd_levels=(8,), block=16), dict(small, merged=True), dict(small, merged=False),
+                  dict(small, merged=False, split_flash=True, head_loop=True, head_batch=True)):
+        plans.append((f"float32  4x16  tests' {extra}", torch.float32, 4, 16, extra))
+    for name, dtype, heads, dh, cfg in plans:
+        q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
+        head_batch = cfg.get("head_batch", False)
         for way in ("forward", "backward") if not head_batch else ("forward",):
             compiled.clear()
             try:

@@ -84,6 +84,36 @@ def test_head_loop_fp32(sizes, levels, merged, head_batch):
                             head_loop=True, head_batch=head_batch)
 
 
+def _windows_by_span(sizes, lo, t):
+    """(windows whose owned DOMs of LO < n <= T span at most T rows, windows where they span more): the
+    forward's narrow T x T tiles and its 2T x 2T ones (``dom_fused._narrow_start``)."""
+    sizes = np.asarray(sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    level = (sizes > lo) & (sizes <= t)
+    narrow = wide = 0
+    for w in np.unique(starts[level] // t):
+        mine = level & (starts // t == w)
+        span = (starts[mine] + sizes[mine]).max() - starts[mine].min()
+        narrow, wide = narrow + (span <= t), wide + (span > t)
+    return narrow, wide
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_batch=False)), (4, dict(head_batch=True))],
+                         ids=["h1", "h4_loop", "h4_batched"])
+@pytest.mark.parametrize("narrow", [True, False])
+def test_narrow_tiles_fp32(n_heads, extra, narrow):
+    """Windows whose owned rows fit in T rows take a T x T tile from their first owned row (forward and backward), the others
+    the 2T x 2T tile: both kinds occur in this batch at both tile levels, and either way every DOM matches
+    the reference (so does the plan with narrow tiles off)."""
+    sizes = list(np.random.default_rng(2).integers(1, 33, 60)) + [1, 15, 14, 1, 1, 40, 3, 30, 2, 16]
+    for lo, t in ((0, 16), (16, 32)):
+        assert min(_windows_by_span(sizes, lo, t)) > 0
+    config = dict(head_loop=True, **extra) if n_heads > 1 else {}
+    check_against_reference(sizes, n_heads, 16, torch.float32, levels=(16, 32), bwd_levels=(16,), merged=False,
+                            narrow=narrow, **config)
+
+
 @needs_kernel
 @pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True)), (4, dict(head_loop=False)),
                                             (2, dict(flash_block=32, flash_num_stages=1, precision="tf32x3_mask"))],

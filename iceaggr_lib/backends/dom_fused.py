@@ -90,6 +90,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
     heads. ``flash_block`` / ``flash_num_stages``: that flash launch's block rows (None = ``block``) and
     pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee".
+    ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile from its first
+    owned row instead of the 2T x 2T one (``_narrow_start``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
@@ -103,7 +105,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                     block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
                     head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
                     merge_below_pulses=400_000 if multi else 0, head_loop=multi,
-                    split_flash="auto", flash_block=64 if multi else None, flash_num_stages=1 if multi else None)
+                    split_flash="auto", flash_block=64 if multi else None, flash_num_stages=1 if multi else None,
+                    narrow=True)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
@@ -112,7 +115,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                 large_num_stages=None, head_batch="auto",
                 precision="ieee", merged="auto",
                 merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
-                split_flash="auto", flash_block=None, flash_num_stages=1 if multi else None)
+                split_flash="auto", flash_block=None, flash_num_stages=1 if multi else None, narrow=True)
 
 
 class Plan(NamedTuple):
@@ -129,6 +132,7 @@ class Plan(NamedTuple):
     split_flash: bool = False
     flash_block: int = 64  # a split_flash plan's flash launch: block rows,
     flash_stages: int | None = None  # and num_stages
+    narrow: bool = True  # tiles: T x T from the first owned row where the owned rows fit
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -191,8 +195,10 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     flash_block = cfg["flash_block"] or block
     if flash_block < 16 or flash_block & (flash_block - 1):
         raise ValueError(f"dom_fused: flash_block must be a power of two >= 16, got {flash_block}")
+    if not isinstance(cfg["narrow"], bool):
+        raise ValueError(f"dom_fused: narrow must be True or False, got {cfg['narrow']!r}")
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
-                split_flash, flash_block, cfg["flash_num_stages"])
+                split_flash, flash_block, cfg["flash_num_stages"], cfg["narrow"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -250,15 +256,25 @@ if HAVE_TRITON:
         return w0, d_lo, d_hi
 
     @triton.jit
-    def _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO: tl.constexpr, T: tl.constexpr):
-        """The 2T rows of a window's tile from ``w0``: (rows, DOM id, DOM size, owned: the row's DOM starts in
-        the window and has LO < n <= T pulses, i.e. belongs to this tile level)."""
-        rows = w0 + tl.arange(0, 2 * T)
+    def _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO: tl.constexpr, T: tl.constexpr, R: tl.constexpr = 0):
+        """The R rows (default 2T) of a window's tile from row ``w0``: (rows, DOM id, DOM size, owned: the row's
+        DOM starts in the window and has LO < n <= T pulses, i.e. belongs to this tile level)."""
+        rows = w0 + tl.arange(0, 2 * T if R == 0 else R)
         in_n = rows < N
         dom_r = tl.load(DOM + rows, mask=in_n, other=-1).to(tl.int32)
         cnt_r = tl.load(CNT + dom_r, mask=in_n, other=0).to(tl.int32)
         own = in_n & (dom_r >= d_lo) & (dom_r < d_hi) & (cnt_r > LO) & (cnt_r <= T)
         return rows, dom_r, cnt_r, own
+
+    @triton.jit
+    def _narrow_start(rows, own, T: tl.constexpr):
+        """Row where a T-row tile holding every owned row of the window starts, or -1 when the owned rows span
+        more than T rows (then the 2T-row tile from the window's start is needed). On IceCube-like batches 73 %
+        of the 16-row windows with work fit (4,096 sample events), at a quarter of the 2T x 2T tile's scores."""
+        BIG: tl.constexpr = 2147483647
+        first = tl.min(tl.where(own, rows, BIG), axis=0)
+        last = tl.max(tl.where(own, rows, -1), axis=0)
+        return tl.where(last - first < T, first, -1)
 
     @triton.jit
     def _same_dom(own, dom_r, T2: tl.constexpr):
@@ -283,45 +299,63 @@ if HAVE_TRITON:
         return p * (1.0 / tl.where(l > 0, l, 1.0))[:, None]
 
     @triton.jit
+    def _fwd_tile(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                  so_d, so_h, qk_scale, h0, LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr,
+                  NHL: tl.constexpr, HB: tl.constexpr):
+        """A window's packed tile (its rows ``rows64`` with their DOM ids / sizes / ownership; 2T or T of them)
+        for heads h0 .. h0+NHL-1: scores, softmax, pooling, the owned DOMs' outputs stored."""
+        dcol = tl.arange(0, DH)
+        if HB:
+            _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
+                            sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL)
+        else:
+            # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
+            # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
+            for hh in tl.static_range(NHL):
+                h = h0 + hh
+                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
+                cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+                w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
+                sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
+                pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
+                pooled = _mm(pool_mat, v, PREC)  # (T, DH)
+                out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
+                st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
+                tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
+                         pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+
+    @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
                    BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False,
-                   HAS_TILE: tl.constexpr = True):
+                   HAS_TILE: tl.constexpr = True, NARROW: tl.constexpr = False):
         """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads.
         ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them.
-        ``HAS_TILE`` / ``HAS_LARGE``: whether this program does its window's tile / its large DOM."""
+        ``HAS_TILE`` / ``HAS_LARGE``: whether this program does its window's tile / its large DOM. ``NARROW``: a
+        window whose owned rows span at most T rows gets a T x T tile from its first owned row (``_narrow_start``)."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
-        # ---- small DOMs: one 2T-row masked tile --------------------------------------------------
+        # ---- small DOMs: one masked tile, T rows from the first owned row when they fit, else 2T from w0 -------
         if HAS_TILE:
             rows, dom_r, cnt_r, own = _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO, T)
             if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
-                rows64 = rows.to(tl.int64)
                 out_d = d_lo + tl.arange(0, T)
-                if HB:
-                    _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
-                                    sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL)
-                else:
-                    # The loop body keeps one head's order of operations (masks derived inside it): hoisting the
-                    # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
-                    for hh in tl.static_range(NHL):
-                        h = h0 + hh
-                        multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-                        q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                        k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                        v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-                        p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
-                        cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-                        w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
-                        sel = (dom_r[None, :] == out_d[:, None]) & own[None, :]
-                        pool_mat = tl.where(sel, w[None, :], 0.0).to(v.dtype)
-                        pooled = _mm(pool_mat, v, PREC)  # (T, DH)
-                        out_cnt = tl.load(CNT + out_d, mask=out_d < d_hi, other=0)
-                        st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
-                        tl.store(OUT + out_d.to(tl.int64)[:, None] * so_d + h * so_h + dcol[None, :],
-                                 pooled.to(OUT.dtype.element_ty), mask=st[:, None])
+                r0 = -1
+                if NARROW and T >= 16:  # (a constexpr test: a T x T tile's dots need T >= 16, Triton's smallest)
+                    r0 = _narrow_start(rows, own, T)
+                    if r0 >= 0:
+                        rows_n, dom_n, cnt_n, own_n = _tile_rows(DOM, CNT, N, r0, d_lo, d_hi, LO, T, T)
+                        _fwd_tile(Q, K, V, OUT, CNT, rows_n.to(tl.int64), dom_n, cnt_n, own_n, out_d, d_hi, sq_n,
+                                  sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL, HB)
+                if r0 < 0:
+                    _fwd_tile(Q, K, V, OUT, CNT, rows.to(tl.int64), dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h,
+                              sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, h0, LO, T, DH, PREC, NHL, HB)
 
         # ---- the (at most one) large DOM starting in this window: flash loop --------------------
         if HAS_LARGE:
@@ -345,39 +379,52 @@ if HAVE_TRITON:
                              (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
 
     @triton.jit
+    def _bwd_tile(Q, K, V, G, DQ, DK, DV, rows64, dom_r, cnt_r, own, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h,
+                  sd_n, sd_h, qk_scale, sm_scale, h0, DH: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
+        """dq, dk, dv of a window's packed tile (its rows ``rows64``, 2T or T of them), heads h0 .. h0+NHL-1."""
+        dcol = tl.arange(0, DH)
+        for hh in tl.static_range(NHL):  # one head's order of operations, as in the forward
+            h = h0 + hh
+            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
+            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+            g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
+                        other=0.0).to(tl.float32)
+            p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
+            cntf = tl.where(own, cnt_r, 1).to(tl.float32)
+            u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
+            di = tl.sum(p * u[None, :], axis=1)
+            ds = p * (u[None, :] - di[:, None])
+            dq = _mm(ds.to(q.dtype), k, PREC) * sm_scale
+            dk = _mm(tl.trans(ds).to(q.dtype), q, PREC) * sm_scale
+            w = tl.sum(p, axis=0) / cntf
+            dv = w[:, None] * g
+            offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
+            tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
+            tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
+
+    @triton.jit
     def _bwd_level(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, win, h0,
-                   LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
-        """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1); LSE/DI: (N, H) fp32 scratch, row stride sx_n.
-        Window ``win``, heads ``h0 .. h0+NHL-1`` (index loads and masks shared by the heads)."""
+                   LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr,
+                   NARROW: tl.constexpr = False):
+        """dq, dk, dv (N, H, DH) all with strides (sd_n, sd_h, 1). Window ``win``, heads ``h0 .. h0+NHL-1`` (index
+        loads and masks shared by the heads); ``NARROW`` as in the forward (``_narrow_start``)."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
-        dcol = tl.arange(0, DH)
-
-        # ---- small DOMs --------------------------------------------------------------------------
         rows, dom_r, cnt_r, own = _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO, T)
         if tl.max(own.to(tl.int32), axis=0) > 0:  # windows with nothing of this level exit here
-            rows64 = rows.to(tl.int64)
-            for hh in tl.static_range(NHL):  # one head's order of operations, as in the forward
-                h = h0 + hh
-                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
-                g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
-                            other=0.0).to(tl.float32)
-                p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
-                cntf = tl.where(own, cnt_r, 1).to(tl.float32)
-                u = tl.sum(v.to(tl.float32) * g, axis=1) / cntf  # dP_ij = u_j inside a DOM
-                di = tl.sum(p * u[None, :], axis=1)
-                ds = p * (u[None, :] - di[:, None])
-                dq = _mm(ds.to(q.dtype), k, PREC) * sm_scale
-                dk = _mm(tl.trans(ds).to(q.dtype), q, PREC) * sm_scale
-                w = tl.sum(p, axis=0) / cntf
-                dv = w[:, None] * g
-                offs = rows64[:, None] * sd_n + h * sd_h + dcol[None, :]
-                tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=own[:, None])
-                tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=own[:, None])
-                tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=own[:, None])
+            r0 = -1
+            if NARROW and T >= 16:  # (constexpr, as in the forward)
+                r0 = _narrow_start(rows, own, T)
+                if r0 >= 0:
+                    rows_n, dom_n, cnt_n, own_n = _tile_rows(DOM, CNT, N, r0, d_lo, d_hi, LO, T, T)
+                    _bwd_tile(Q, K, V, G, DQ, DK, DV, rows_n.to(tl.int64), dom_n, cnt_n, own_n, sq_n, sq_h, sk_n,
+                              sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, h0, DH, PREC, NHL)
+            if r0 < 0:
+                _bwd_tile(Q, K, V, G, DQ, DK, DV, rows.to(tl.int64), dom_r, cnt_r, own, sq_n, sq_h, sk_n, sk_h,
+                          sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, h0, DH, PREC, NHL)
 
     @triton.jit
     def _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
@@ -395,7 +442,7 @@ if HAVE_TRITON:
         v = tl.load(V + hcol[:, None, None] * sv_h + rows64[None, :, None] * sv_n + dcol[None, None, :],
                     mask=own[None, :, None], other=0.0)
         s = _mm(q, tl.permute(k, (0, 2, 1)), PREC)  # (NHL, 2T, 2T); softmax as in _tile_softmax
-        s = tl.where(_same_dom(own, dom_r, 2 * T)[None, :, :], s, float("-inf"))
+        s = tl.where(_same_dom(own, dom_r, rows64.shape[0])[None, :, :], s, float("-inf"))
         m = tl.max(s, axis=2)
         m = tl.where(m == float("-inf"), 0.0, m * qk_scale)
         p = tl.exp2(s * qk_scale - m[:, :, None])
@@ -535,7 +582,7 @@ if HAVE_TRITON:
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr,
-                    HB: tl.constexpr):
+                    HB: tl.constexpr, NARROW: tl.constexpr):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
@@ -544,11 +591,11 @@ if HAVE_TRITON:
         and the flash loop), one head per program unless SNHL says otherwise. ``split_flash`` plans launch
         the big windows' two jobs apart: ROLE 4 their tiles (SNHL heads per program, like the small role) and
         ROLE 3 their large DOMs' flash loops (one head per program), so each compiles to its own register
-        and shared-memory budget instead of the larger of the two."""
+        and shared-memory budget instead of the larger of the two. ``NARROW``: see ``_narrow_start``."""
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       0, T_BIG, True, DH, BL, PREC, SNHL, HB)
+                       0, T_BIG, True, DH, BL, PREC, SNHL, HB, True, NARROW)
         elif ROLE == 3:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // NH, tl.program_id(0) % NH, T_SMALL, T_BIG, True, DH, BL, PREC, 1,
@@ -556,36 +603,36 @@ if HAVE_TRITON:
         elif ROLE == 4:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       T_SMALL, T_BIG, False, DH, BL, PREC, SNHL, False)
+                       T_SMALL, T_BIG, False, DH, BL, PREC, SNHL, False, True, NARROW)
         else:
             big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
             if big:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1)
+                           win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1, False, True, NARROW)
             else:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL, HB)
+                           win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL, HB, True, NARROW)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr):
+                    PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr, NARROW: tl.constexpr):
         """The backward of the DOMs of n <= T_BIG, with the same roles and program layout as the forward
         (the large ones: ``_bwd_large_kernel``)."""
         if T_SMALL == 0:
             _bwd_level(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
                        sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       0, T_BIG, DH, PREC, SNHL)
+                       0, T_BIG, DH, PREC, SNHL, NARROW)
         else:
             big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
             if big:
                 _bwd_level(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                           sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, win, h, T_SMALL, T_BIG, DH, PREC, 1)
+                           sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, win, h, T_SMALL, T_BIG, DH, PREC, 1, NARROW)
             else:
                 _bwd_level(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                           sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, win, h, 0, T_SMALL, DH, PREC, SNHL)
+                           sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, win, h, 0, T_SMALL, DH, PREC, SNHL, NARROW)
 
 
     # kernel[grid](...) less its host overhead
@@ -649,7 +696,7 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
     spec = _FWD.specialize(args)
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
-                      SNHL=snhl, HB=plan.head_batch)
+                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
                                                 warps, spec, plan.flash_stages if role == 3 else stages)
@@ -684,7 +731,7 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
     def tiles():  # DOMs of n <= t_big: packed tiles
         for role, grid in _launches(n, t_small, t_big, n_heads, plan.merged, snhl):
             _BWD(grid, args, dict(T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, PREC=precision, ROLE=role,
-                                  SNHL=snhl), warps, spec, stages)
+                                  SNHL=snhl, NARROW=plan.narrow), warps, spec, stages)
 
     # DOMs of n > t_big: two passes (query rows, then key rows), windows of `block` rows in parallel
     scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)  # lse, Di of those rows

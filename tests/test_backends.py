@@ -114,6 +114,8 @@ HAVE_CXX = bool(shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clan
 
 # Seen on the H100 image (torch 2.11.0+cu130, 2026-11-24): Inductor's C++ for the CPU flex_attention template does
 # not compile ("'cur_qSplitSize8' was not declared in this scope"), a bug of that torch; torch 2.13 (CI) compiles it.
+# Not every time: the next GPU run (2026-11-25, another random batch from fresh_seed) compiled and passed it, so
+# the failure depends on the shapes; hence an xfail that may pass (strict=False).
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 

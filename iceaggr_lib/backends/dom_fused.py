@@ -22,6 +22,9 @@ by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` 
   touch memory; a one-pulse DOM comes out as ``v`` exactly (P = 1, w = 1).
 * Two tile levels (default 16 and 64 rows): DOMs of n <= 16 go to 32-row tiles, 16 < n <= 64 to
   128-row tiles, so the ~(2T)^2 masked work per window stays small for the many tiny DOMs.
+* Narrow tiles (``narrow``): when a window's owned rows of its level span at most T rows (73 % of the
+  16-row windows with work on IceCube-like data), the tile is T x T from the first owned row instead of
+  2T x 2T from the window's start: a quarter of the scores and softmax (forward and backward).
 * Several heads (``head_loop``, the default for n_heads > 1): a small-DOM program does every head of
   its window, so the index loads, masks and window bookkeeping are paid once, not once per head, and
   with a power-of-two head count (``head_batch``) all heads' tiles as one batch of 3-D dots;

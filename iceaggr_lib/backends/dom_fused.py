@@ -93,8 +93,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
     heads. ``flash_block`` / ``flash_num_stages``: that flash launch's block rows (None = ``block``) and
     pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee".
-    ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile from its first
-    owned row instead of the 2T x 2T one (``_narrow_start``).
+    ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
+    from its first owned row instead of the 2T x 2T one (``_narrow_start``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
@@ -433,8 +433,9 @@ if HAVE_TRITON:
     def _fwd_tile_heads(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h,
                         sv_n, sv_h, so_d, so_h, qk_scale, h0,
                         LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr):
-        """The small-DOM tile of one window for heads h0 .. h0+NHL-1 at once: (NHL, 2T, DH) blocks, scores and
-        pooling as batched 3-D dots, the softmax over (NHL, 2T, 2T). Same arithmetic as the per-head loop."""
+        """The small-DOM tile of one window for heads h0 .. h0+NHL-1 at once: (NHL, R, DH) blocks (R = 2T rows, or
+        T for a narrow tile), scores and pooling as batched 3-D dots, the softmax over (NHL, R, R). Same
+        arithmetic as the per-head loop."""
         dcol = tl.arange(0, DH)
         hcol = (h0 + tl.arange(0, NHL)).to(tl.int64)
         multi = own & (cnt_r > 1)

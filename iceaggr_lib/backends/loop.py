@@ -1,7 +1,8 @@
 """The ``loop`` backend: one attention call per DOM in Python — the seed's slow baseline, kept on purpose.
 
-For each DOM d, ``F.scaled_dot_product_attention`` runs on its rows ``cu_seqlens[d]:cu_seqlens[d+1]``
-as a (1, H, n, Dh) problem and the n output rows are averaged. ``prepare`` copies the DOM boundaries to
+For each DOM d, ``F.scaled_dot_product_attention`` (``sdpa.sdpa``: the math kernel for fp32 on the CPU)
+runs on its rows ``cu_seqlens[d]:cu_seqlens[d+1]`` as a (1, H, n, Dh) problem and the n output rows are
+averaged. ``prepare`` copies the DOM boundaries to
 the host once (a Python list), so the loop itself does no device-to-host syncs. The cost is dominated by
 ~D kernel launches and Python overhead: this is what the seed's "baseline" measured.
 """
@@ -9,9 +10,9 @@ the host once (a Python list), so the loop itself does no device-to-host syncs. 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from iceaggr_lib.backends import MODES, BackendSpec
+from iceaggr_lib.backends.sdpa import sdpa
 from iceaggr_lib.collate import DomBatch
 
 
@@ -25,7 +26,7 @@ def attend(q, k, v, batch: DomBatch, prep, scale: float):
     for d in range(len(cu) - 1):  # deliberately one call per DOM
         s, e = cu[d], cu[d + 1]
         qd, kd, vd = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, n, Dh)
-        out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)
+        out = sdpa(qd, kd, vd, scale=scale)
         outs.append(out[0].mean(dim=1))  # (H, Dh)
     return torch.stack(outs)
 

@@ -2,7 +2,7 @@
 
 ``prepare`` builds the padding index once per batch: ``rows`` (D, L) with L = ``max_dom_pulses``, the
 packed row of the j-th pulse of DOM d (row 0 where j is past the DOM's end), and ``valid`` (D, L).
-``attend`` gathers q, k, v into (D, H, L, Dh), runs one ``F.scaled_dot_product_attention`` whose boolean
+``attend`` gathers q, k, v into (D, H, L, Dh), runs one ``F.scaled_dot_product_attention`` (``sdpa.sdpa``) whose boolean
 mask (D, 1, 1, L) hides padded keys, and averages the real query rows (``mean_pool_padded``). Padded query
 rows still see the DOM's real keys, so nothing is NaN; they are dropped by the pooling.
 
@@ -13,10 +13,10 @@ IceCube, where the median DOM has one pulse and the longest a few hundred.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from iceaggr_lib.backends import MODES, BackendSpec
 from iceaggr_lib.backends.pooling import mean_pool_padded
+from iceaggr_lib.backends.sdpa import sdpa
 from iceaggr_lib.collate import DomBatch
 
 
@@ -33,7 +33,7 @@ def prepare(batch: DomBatch, n_heads: int, head_dim: int, dtype: torch.dtype):
 def attend(q, k, v, batch: DomBatch, prep, scale: float):
     rows, valid = prep["rows"].to(q.device), prep["valid"].to(q.device)
     qp, kp, vp = (t[rows].transpose(1, 2) for t in (q, k, v))  # (D, H, L, Dh)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :], scale=scale)
+    out = sdpa(qp, kp, vp, attn_mask=valid[:, None, None, :], scale=scale)
     return mean_pool_padded(out, valid, prep["counts"].to(q.device))
 
 

@@ -7,37 +7,13 @@ of ``scripts/bench_dom_fused.py``) and each tile level LO:T (DOMs of LO < n <= T
 DOM owned by the window its first row is in), it counts the windows with work (an owned multi-pulse DOM of
 the level; at LO > 0 any owned DOM of the level), those whose owned rows of the level span at most T rows
 (``dom_fused._narrow_start``: a T x T tile from the first owned row holds them all), and those whose
-multi-pulse DOMs alone span at most T rows (what a variant that copies one-pulse DOMs apart would reach).
+multi-pulse DOMs alone span at most T rows (what a variant that copies one-pulse DOMs apart would reach):
+``iceaggr_lib.backends.dom_fused.window_spans``.
 """
 
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
-
-
-def window_spans(dom_counts: np.ndarray, lo: int, t: int) -> dict:
-    """Counts of windows of ``t`` rows by the span of their owned DOMs of lo < n <= t pulses (vectorised)."""
-    counts = np.asarray(dom_counts, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ends = starts + counts
-    n_windows = -(-int(counts.sum()) // t)
-    win = starts // t
-    level = (counts > lo) & (counts <= t)
-    multi = level & (counts > 1)
-    work = np.bincount(win[multi if lo == 0 else level], minlength=n_windows) > 0
-
-    def span(mask):
-        first = np.full(n_windows, np.iinfo(np.int64).max)
-        last = np.zeros(n_windows, dtype=np.int64)
-        np.minimum.at(first, win[mask], starts[mask])
-        np.maximum.at(last, win[mask], ends[mask])
-        return last - first
-
-    return {"windows": n_windows, "with_work": int(work.sum()),
-            "fit_narrow": int((work & (span(level) <= t)).sum()),
-            "multi_fit_narrow": int((work & (span(multi) <= t)).sum())}
 
 
 def main():
@@ -45,6 +21,7 @@ def main():
     ap.add_argument("--events", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--levels", nargs="+", default=["0:16", "16:32", "16:64"], help="LO:T tile levels")
     args = ap.parse_args()
+    from iceaggr_lib.backends.dom_fused import window_spans
     from iceaggr_lib.data.sample import generate_table
 
     table = generate_table(max(args.events), seed=0)

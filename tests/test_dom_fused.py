@@ -84,31 +84,19 @@ def test_head_loop_fp32(sizes, levels, merged, head_batch):
                             head_loop=True, head_batch=head_batch)
 
 
-def _windows_by_span(sizes, lo, t):
-    """(windows whose owned DOMs of LO < n <= T span at most T rows, windows where they span more): the
-    forward's narrow T x T tiles and its 2T x 2T ones (``dom_fused._narrow_start``)."""
-    sizes = np.asarray(sizes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    level = (sizes > lo) & (sizes <= t)
-    narrow = wide = 0
-    for w in np.unique(starts[level] // t):
-        mine = level & (starts // t == w)
-        span = (starts[mine] + sizes[mine]).max() - starts[mine].min()
-        narrow, wide = narrow + (span <= t), wide + (span > t)
-    return narrow, wide
-
-
 @needs_kernel
 @pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_batch=False)), (4, dict(head_batch=True))],
                          ids=["h1", "h4_loop", "h4_batched"])
 @pytest.mark.parametrize("narrow", [True, False])
 def test_narrow_tiles_fp32(n_heads, extra, narrow):
-    """Windows whose owned rows fit in T rows take a T x T tile from their first owned row (forward and backward), the others
-    the 2T x 2T tile: both kinds occur in this batch at both tile levels, and either way every DOM matches
-    the reference (so does the plan with narrow tiles off)."""
+    """Windows whose owned rows fit in T rows take a T x T tile from their first owned row (forward and
+    backward), the others the 2T x 2T tile: both kinds occur in this batch at both tile levels
+    (``dom_fused.window_spans``), and either way every DOM matches the reference (so does the plan with
+    narrow tiles off)."""
     sizes = list(np.random.default_rng(2).integers(1, 33, 60)) + [1, 15, 14, 1, 1, 40, 3, 30, 2, 16]
     for lo, t in ((0, 16), (16, 32)):
-        assert min(_windows_by_span(sizes, lo, t)) > 0
+        spans = dom_fused.window_spans(sizes, lo, t)
+        assert 0 < spans["fit_narrow"] < spans["with_work"], spans
     config = dict(head_loop=True, **extra) if n_heads > 1 else {}
     check_against_reference(sizes, n_heads, 16, torch.float32, levels=(16, 32), bwd_levels=(16,), merged=False,
                             narrow=narrow, **config)
@@ -156,6 +144,27 @@ def test_empty_batch():
     assert out.shape == (0, 2, 16)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert all(g.shape == (0, 2, 16) for g in grads)
+
+
+def test_window_spans_counts_by_hand():
+    """Windows of 4 rows: DOM sizes 1,2 | 3 (rows 3-5, spans past its window) | 1,1 ... counted by hand."""
+    spans = dom_fused.window_spans([1, 2, 3, 1, 1, 4], 0, 4)  # rows: 0 | 1-2 | 3-5 | 6 | 7 | 8-11
+    # window 0 owns DOMs at rows 0, 1-2, 3-5 (span 6 > 4); window 1 owns 6, 7 (singles only: no work);
+    # window 2 owns 8-11 (span 4: fits)
+    assert spans == {"windows": 3, "with_work": 2, "fit_narrow": 1, "multi_fit_narrow": 1}
+
+
+def test_bad_inputs_name_the_backend():
+    """Index tensors on another device and q, k, v of mixed dtypes are refused naming dom_fused (meta tensors
+    stand in for a second device; the check runs before any kernel)."""
+    pytest.importorskip("triton")
+    batch = batch_from_dom_sizes([1, 2, 3])
+    q, k, v = random_qkv(batch.n_pulses, 1, 16)
+    idx = (batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts)
+    with pytest.raises(ValueError, match="dom_fused: every tensor must be on one device.*cu_seqlens on meta"):
+        dom_fused.fused_forward(q, k, v, idx[0].to("meta"), *idx[1:], 0.25)
+    with pytest.raises(ValueError, match="dom_fused: q, k, v must share one dtype"):
+        dom_fused.fused_forward(q, k.double(), v, *idx, 0.25)
 
 
 def test_head_batch_needs_head_loop():

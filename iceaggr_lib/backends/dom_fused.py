@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
@@ -92,7 +93,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     ``split_flash`` (forward, two levels, not merged): the big windows' tiles and their large DOMs' flash loops
     as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
     heads. ``flash_block`` / ``flash_num_stages``: that flash launch's block rows (None = ``block``) and
-    pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee".
+    pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee", or
+    "tf32" (one pass: misses the fp32 tolerance, for experiments only).
     ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
     from its first owned row instead of the 2T x 2T one (``_narrow_start``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
@@ -221,6 +223,33 @@ def _launches(n, t_small, t_big, n_heads, merged, snhl, split_flash=False):
     return [(2, (n_small * spw,)), (1, (n_big * n_heads,))]
 
 
+def window_spans(dom_counts, lo: int, t: int) -> dict:
+    """How the windows of one tile level see a batch (numpy, host only; ``scripts/window_spans.py`` prints it):
+    windows of ``t`` rows, each owning the DOMs of lo < n <= t pulses whose first row it holds. Returns the
+    number of ``windows``, those ``with_work`` (an owned multi-pulse DOM; for lo > 0 any owned DOM of the level),
+    those among them whose owned DOMs of the level span at most t rows (``fit_narrow``: a narrow T x T tile,
+    ``_narrow_start``), and those whose multi-pulse DOMs alone do (``multi_fit_narrow``)."""
+    counts = np.asarray(dom_counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ends = starts + counts
+    n_windows = -(-int(counts.sum()) // t)
+    win = starts // t
+    level = (counts > lo) & (counts <= t)
+    multi = level & (counts > 1)
+    work = np.bincount(win[multi if lo == 0 else level], minlength=n_windows) > 0
+
+    def span(mask):
+        first = np.full(n_windows, np.iinfo(np.int64).max)
+        last = np.zeros(n_windows, dtype=np.int64)
+        np.minimum.at(first, win[mask], starts[mask])
+        np.maximum.at(last, win[mask], ends[mask])
+        return last - first
+
+    return {"windows": n_windows, "with_work": int(work.sum()),
+            "fit_narrow": int((work & (span(level) <= t)).sum()),
+            "multi_fit_narrow": int((work & (span(multi) <= t)).sum())}
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -289,17 +318,23 @@ if HAVE_TRITON:
         return qid[:, None] == kid[None, :]
 
     @triton.jit
-    def _tile_softmax(q, k, own, dom_r, qk_scale, PREC: tl.constexpr):
-        """Row softmax of the packed tile's scores (2T x 2T), restricted to pairs of owned rows of the same DOM
-        (log2 domain: ``qk_scale`` includes log2 e); rows without any such pair come out as zeros. The scale
-        is applied inside the exponent (one fused multiply-add per score: max(s) * scale = max(s * scale))."""
-        s = _mm(q, tl.trans(k), PREC)
-        s = tl.where(_same_dom(own, dom_r, q.shape[0]), s, float("-inf"))
-        m = tl.max(s, axis=1)
+    def _masked_softmax(s, keep, qk_scale, AXIS: tl.constexpr):
+        """Softmax of the unscaled scores ``s`` along their last axis ``AXIS`` (1 for a tile, 2 for a batch of
+        heads' tiles), over the pairs where ``keep`` (broadcast to ``s``) holds, in the log2 domain (``qk_scale``
+        includes log2 e); a row without any such pair comes out as zeros. The scale is applied inside the
+        exponent (one fused multiply-add per score: max(s) * scale = max(s * scale))."""
+        s = tl.where(keep, s, float("-inf"))
+        m = tl.max(s, axis=AXIS)
         m = tl.where(m == float("-inf"), 0.0, m * qk_scale)  # a row without pairs: all exp2(-inf) = 0
-        p = tl.exp2(s * qk_scale - m[:, None])
-        l = tl.sum(p, axis=1)
-        return p * (1.0 / tl.where(l > 0, l, 1.0))[:, None]
+        p = tl.exp2(s * qk_scale - tl.expand_dims(m, AXIS))
+        l = tl.sum(p, axis=AXIS)
+        return p * tl.expand_dims(1.0 / tl.where(l > 0, l, 1.0), AXIS)
+
+    @triton.jit
+    def _tile_softmax(q, k, own, dom_r, qk_scale, PREC: tl.constexpr):
+        """Row softmax of the packed tile's scores (R x R), restricted to pairs of owned rows of the same DOM
+        (``_masked_softmax``)."""
+        return _masked_softmax(_mm(q, tl.trans(k), PREC), _same_dom(own, dom_r, q.shape[0]), qk_scale, 1)
 
     @triton.jit
     def _fwd_tile(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
@@ -445,13 +480,8 @@ if HAVE_TRITON:
                     mask=multi[None, :, None], other=0.0)
         v = tl.load(V + hcol[:, None, None] * sv_h + rows64[None, :, None] * sv_n + dcol[None, None, :],
                     mask=own[None, :, None], other=0.0)
-        s = _mm(q, tl.permute(k, (0, 2, 1)), PREC)  # (NHL, 2T, 2T); softmax as in _tile_softmax
-        s = tl.where(_same_dom(own, dom_r, rows64.shape[0])[None, :, :], s, float("-inf"))
-        m = tl.max(s, axis=2)
-        m = tl.where(m == float("-inf"), 0.0, m * qk_scale)
-        p = tl.exp2(s * qk_scale - m[:, :, None])
-        l = tl.sum(p, axis=2)
-        p = p * (1.0 / tl.where(l > 0, l, 1.0))[:, :, None]
+        s = _mm(q, tl.permute(k, (0, 2, 1)), PREC)  # (NHL, R, R)
+        p = _masked_softmax(s, _same_dom(own, dom_r, rows64.shape[0])[None, :, :], qk_scale, 2)
         cntf = tl.where(own, cnt_r, 1).to(tl.float32)
         w = tl.sum(p, axis=1) * (1.0 / cntf)[None, :]  # (NHL, 2T): pooling weight of each key row, per head
         sel = ((dom_r[None, :] == out_d[:, None]) & own[None, :])[None, :, :]  # (1, T, 2T)
@@ -654,6 +684,15 @@ def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
         raise UnsupportedError(f"backend 'dom_fused' needs a power-of-two head_dim >= 16, got {dh}")
     if pulse_to_dom.shape[0] != q.shape[0] or dom_counts.shape[0] + 1 != cu_seqlens.shape[0]:
         raise ValueError("dom_fused: pulse_to_dom_idx / dom_pulse_counts / cu_seqlens do not match q")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"dom_fused: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # the kernels take raw pointers: Triton's launcher would reject a CPU tensor without naming the backend, and
+    # would let a tensor of another GPU through
+    devices = [t.device for t in (q, k, v, cu_seqlens, pulse_to_dom, dom_counts)]
+    if any(d != devices[0] for d in devices):
+        names = ("q", "k", "v", "cu_seqlens", "pulse_to_dom_idx", "dom_pulse_counts")
+        raise ValueError("dom_fused: every tensor must be on one device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in zip(names, devices)))
 
 
 # Launches side by side on two streams (triton_launch.run_concurrently), under "auto": only in a forward that

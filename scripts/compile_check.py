@@ -113,16 +113,21 @@ def main(argv=None) -> int:
     for name, dtype, heads, dh, cfg in plans:
         q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
         head_batch = cfg.get("head_batch", False)
-        for way in ("forward", "backward") if not head_batch else ("forward",):
+        # "train": a training step's forward (it saves the large DOMs' O and log-sum-exp) and the backward that
+        # reads them; "backward" alone recomputes them
+        idx = (batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts)
+        for way in ("forward", "train", "backward") if not head_batch else ("forward", "train"):
             compiled.clear()
             try:
+                g = torch.randn(batch.n_doms, heads, dh).to(dtype)
                 if way == "forward":
-                    dom_fused.fused_forward(q, q, q, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
-                                            dh ** -0.5, **cfg)
+                    dom_fused.fused_forward(q, q, q, *idx, dh ** -0.5, **cfg)
+                elif way == "train":
+                    _, saved, t_fwd = dom_fused._forward(q, q, q, *idx, dh ** -0.5, True, True, cfg)
+                    if not head_batch:  # (the backward has no batched-heads variant)
+                        dom_fused.fused_backward(g, q, q, q, *idx, dh ** -0.5, saved, t_fwd, **cfg)
                 else:
-                    g = torch.randn(batch.n_doms, heads, dh).to(dtype)
-                    dom_fused.fused_backward(g, q, q, q, batch.cu_seqlens, batch.pulse_to_dom_idx,
-                                             batch.dom_pulse_counts, dh ** -0.5, **cfg)
+                    dom_fused.fused_backward(g, q, q, q, *idx, dh ** -0.5, **cfg)
             except Exception as e:  # report and carry on with the other plans
                 failures += 1
                 msg = str(e).strip().splitlines()

@@ -112,9 +112,11 @@ def per_launch_us(call, n_calls=5, prefixes=("_fwd_kernel", "_bwd_")):
     return names, np.array([t for _, t in kernels]).reshape(n_calls, per_call)
 
 
-def launch_times():
+def launch_times(configs=(), point_spec=None):
     """GPU time of each launch of one call (forward, then forward + backward), in launch order, from the
-    profiler's kernel records: shows which launch (small tiles, big tiles, large-DOM passes) bounds a call."""
+    profiler's kernel records: shows which launch (small tiles, big tiles, large-DOM passes) bounds a call.
+    ``configs``: dom_fused configs to run at every point besides the default; ``point_spec``: "events:dtype:heads,..."
+    (default: the list below, each also with the other ``save_forward``)."""
 
     from iceaggr_lib.backends.dom_fused import dom_fused_attention
     from iceaggr_lib.data.sample import generate_table
@@ -127,7 +129,15 @@ def launch_times():
               # fp32 runs its two tile roles in one launch by default: split them to see which costs
               (4096, torch.float32, 1, dict(merged=False, concurrent=False)),
               (4096, torch.float32, 8, dict(merged=False, concurrent=False))]
+    if point_spec is not None:
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+        points = [(int(e), dt[d], int(h), {}) for e, d, h in (p.split(":") for p in point_spec.split(","))]
+    if configs:
+        points = [point[:3] + (dict(c),) for point in points for c in [{}] + list(configs)]
+    else:  # each also with the other save_forward (the backward's pass 1 reads the forward's O / log-sum-exp or not)
+        points = [p for point in points for p in (point, point[:3] + (dict(point[3], save_forward=point[1] != torch.float32),))]
     for events, dtype, h, config in points:
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         b = table.batch(0, abs(events))
         if events < 0:  # the same pulses with every DOM above 64 pulses cut into DOMs of <= 64: no large DOMs
             sizes = np.concatenate([[64] * (n // 64) + ([n % 64] if n % 64 else []) if n > 64 else [n]
@@ -139,10 +149,15 @@ def launch_times():
         g = torch.randn(b.n_doms, h, dh, device="cuda").to(dtype)
         call = lambda: torch.autograd.grad(dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx,
                                                                b.dom_pulse_counts, **config), (q, k, v), g)
-        for _ in range(3):
-            call()
-        torch.cuda.synchronize()
-        names, times = per_launch_us(call)
+        try:
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            names, times = per_launch_us(call)
+        except Exception as e:  # a config that does not compile or run: say so, go on with the next
+            print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} {config}: FAILED {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+            continue
         names = [n.split("_kernel")[0].lstrip("_") for n in names]
         print(f"{events:>5} ev {str(dtype).split('.')[-1]:<8} {h}x{dh:<4} max DOM {b.max_dom_pulses:>3}{config or ''}: "
               + ", ".join(f"{n} {t:.1f}" for n, t in zip(names, np.median(times, axis=0)))
@@ -268,14 +283,16 @@ def main():
     ap.add_argument("--grid-csv", type=Path, help="also run the harness A/B (streams, launch path) into this folder")
     ap.add_argument("--launch-times", action="store_true", help="only the GPU time of each launch of a call")
     ap.add_argument("--step-profile", type=Path, help="only the grid step's host / GPU time, profile tables into this folder")
-    ap.add_argument("--configs", type=json.loads, default=[], help="--step-profile: dom_fused configs to compare (JSON list)")
+    ap.add_argument("--configs", type=json.loads, default=[],
+                    help="--step-profile, --launch-times: dom_fused configs to compare (JSON list)")
+    ap.add_argument("--points", help='--launch-times: "events:dtype:heads,..." (dtype bf16 or fp32)')
     ap.add_argument("--events", type=int, default=1024, help="--step-profile: batch size in events")
     ap.add_argument("--rounds", type=int, default=1, help="--step-profile: times through the list")
     args = ap.parse_args()
     if args.step_profile:
         return step_profile(args.step_profile, args.events, args.configs, args.rounds)
     if args.launch_times:
-        return launch_times()
+        return launch_times(args.configs, args.points)
     dispatch_table()
     if args.grid_csv:
         grid_ab(args.grid_csv)

@@ -117,6 +117,59 @@ def test_split_flash_fp32(sizes, n_heads, extra):
                             merged=False, split_flash=True, **extra)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n_heads", [1, 2])
+def test_training_forward_saves_the_large_doms_rows(n_heads):
+    """A training step's forward leaves O and the log2-sum-exp of every row of the DOMs above its top tile
+    level (what the backward's pass 1 reads instead of recomputing), checked row by row against float64."""
+    sizes = [3, 1, 20, 1, 40, 2, 17, 1, 33, 16]
+    batch = batch_from_dom_sizes(sizes, seed=4).to(DEVICE)
+    q, k, v = random_qkv(batch.n_pulses, n_heads, 16, dtype=torch.float32, device=DEVICE, seed=4)
+    scale = 0.25
+    _, saved, t_fwd = dom_fused._forward(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                         scale, True, True, dict(levels=(8, 16), block=16))
+    assert t_fwd == 16 and saved.shape == (batch.n_pulses, n_heads, 16 + 2) and saved.dtype == torch.float32
+    cu = batch.cu_seqlens.tolist()
+    checked = 0
+    for d, n in enumerate(sizes):
+        if n > t_fwd:
+            r = slice(cu[d], cu[d + 1])
+            s = torch.einsum("ihc,jhc->hij", q[r].double(), k[r].double()) * scale
+            o = torch.einsum("hij,jhc->ihc", s.softmax(-1), v[r].double())
+            lse2 = torch.logsumexp(s, -1).T / np.log(2)  # (rows, heads), log base 2
+            assert rel_err(saved[r, :, :16], o) <= 1e-5, f"O of DOM {d} (n = {n})"
+            assert rel_err(saved[r, :, 16], lse2) <= 1e-5, f"log-sum-exp of DOM {d} (n = {n})"
+            checked += 1
+    assert checked == 4
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (2, dict(split_flash=True, merged=False)),
+                                            (2, dict(head_loop=True, merged=True))],
+                         ids=["h1", "h2_split_flash", "h2_merged"])
+def test_backward_with_and_without_the_saved_forward_fp32(n_heads, extra):
+    """The backward's large DOMs (here n > 8) take O and log-sum-exp from the training forward where it
+    flash-looped them (n > 16) and recompute them for the rest (8 < n <= 16): both kinds in one batch,
+    gradients against the reference; and the backward without a saved forward gives the same gradients."""
+    sizes = [3, 1, 20, 1, 1, 12, 37, 1, 9, 3, 16, 17, 1, 50]
+    cfg = dict(levels=(8, 16), bwd_levels=(8,), block=16, **extra)
+    check_against_reference(sizes, n_heads, 16, torch.float32, seed=11, **cfg)
+    check_against_reference(sizes, n_heads, 16, torch.float32, seed=11, save_forward=False, **cfg)
+    batch = batch_from_dom_sizes(sizes, seed=12).to(DEVICE)
+    q, k, v = random_qkv(batch.n_pulses, n_heads, 16, dtype=torch.float32, device=DEVICE, seed=12)
+    g = torch.randn((batch.n_doms, n_heads, 16), generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    idx = (batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts)
+    _, saved, t_fwd = dom_fused._forward(q, k, v, *idx, 0.25, True, True, cfg)
+    with_saved = dom_fused.fused_backward(g, q, k, v, *idx, 0.25, saved, t_fwd, **cfg)
+    without = dom_fused.fused_backward(g, q, k, v, *idx, 0.25, **cfg)
+    for a, b in zip(with_saved, without):
+        assert rel_err(a, b) <= 1e-5
+    with pytest.raises(ValueError, match="saved"):
+        dom_fused.fused_backward(g, q, k, v, *idx, 0.25, saved[:, :, :4], t_fwd, **cfg)
+    with pytest.raises(ValueError, match="save_forward"):
+        dom_fused.dom_fused_attention(q.requires_grad_(), k, v, *idx, save_forward="yes")
+
+
 def test_split_flash_plan():
     assert dom_fused._launches(100, 8, 16, 2, False, 2, split_flash=True) == [(2, (13,)), (4, (7,)), (3, (14,))]
     assert dom_fused._launches(100, 8, 16, 2, False, 1, split_flash=True) == [(2, (26,)), (4, (14,)), (3, (14,))]

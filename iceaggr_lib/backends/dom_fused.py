@@ -39,10 +39,12 @@ Backward (``g`` = dL/d out, per DOM): every pulse of DOM ``d`` gets ``dO_i = g_d
 small tile each program owns its rows exclusively: no atomics, no zero-initialisation, every row of
 dq/dk/dv written exactly once. Large DOMs (n > the top tile level) are not one program's work: in
 ``_bwd_large_kernel`` every window of ``BL`` rows takes its own rows of the (few) large DOMs it meets,
-as query rows in pass 1 (softmax recomputed by an online sweep over the DOM's keys: log-sum-exp, O,
-``Di = g.O/n``, then dQ) and as key rows in pass 2, the next launch (dK and dV, reading log-sum-exp and
-``Di`` of the DOM's query rows from an ``(N, H)`` fp32 scratch). A 400-pulse DOM's backward is thus
-spread over 7 programs instead of one serial loop of ~150 block steps.
+as query rows in pass 1 (log-sum-exp and O, hence ``Di = g.O/n``, then dQ by a sweep over the DOM's keys)
+and as key rows in pass 2, the next launch (dK and dV, reading log-sum-exp and ``Di`` of the DOM's query
+rows from an fp32 scratch). A 400-pulse DOM's backward is thus spread over 7 programs instead of one
+serial loop of ~150 block steps. Log-sum-exp and O come from the training step's forward where it
+flash-looped the DOM and kept them (``save_forward``, the fp32 default), else from an online-softmax
+sweep over the DOM's keys in pass 1.
 
 With several heads and many pulses (``split_flash``) the big windows' tiles and their large DOMs' flash
 loops are two launches, so that each compiles to its own register budget.
@@ -98,7 +100,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
     from its first owned row instead of the 2T x 2T one (``_narrow_start``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
-    (see ``CONCURRENT_ABOVE_PULSES``)."""
+    (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
+    log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
+    (``_bwd_large_kernel``), True, False or "auto" (the default: fp32 only, see ``DomFusedAttention``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
@@ -367,15 +371,25 @@ if HAVE_TRITON:
                          pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
     @triton.jit
+    def _saved_rows(SV, rows64, h, NH: tl.constexpr, W: tl.constexpr):
+        """Pointers to rows ``rows64``, head ``h`` of the fp32 (N, NH, W) buffer a training step's forward leaves
+        for the backward's large DOMs: W = DH + 2 holds [O (DH), log2-sum-exp, Di]; without a saved forward the
+        backward makes a W = 2 one for [log2-sum-exp, Di] (pass 1 writes, pass 2 reads)."""
+        return SV + (rows64 * NH + h) * W
+
+    @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
                    BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False,
-                   HAS_TILE: tl.constexpr = True, NARROW: tl.constexpr = False):
+                   HAS_TILE: tl.constexpr = True, NARROW: tl.constexpr = False, SV=None, NH: tl.constexpr = 1,
+                   SAVE: tl.constexpr = False):
         """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads.
         ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them.
         ``HAS_TILE`` / ``HAS_LARGE``: whether this program does its window's tile / its large DOM. ``NARROW``: a
-        window whose owned rows span at most T rows gets a T x T tile from its first owned row (``_narrow_start``)."""
+        window whose owned rows span at most T rows gets a T x T tile from its first owned row (``_narrow_start``).
+        ``SAVE`` (a training step's forward): the large DOM's per-row outputs O and log-sum-exp go to ``SV``
+        (``_saved_rows``: (N, NH, DH + 2) fp32), for the backward's pass 1."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
         dcol = tl.arange(0, DH)
 
@@ -412,6 +426,10 @@ if HAVE_TRITON:
                         m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_big, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL,
                                                     PREC)
                         o = acc / l_i[:, None]
+                        if SAVE:
+                            saved = _saved_rows(SV, qr, h, NH, DH + 2)
+                            tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+                            tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
                         pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
                     tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
                              (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
@@ -525,16 +543,30 @@ if HAVE_TRITON:
         return m_i * qk_scale, l_i, acc
 
     @triton.jit
-    def _bwd_large_kernel(Q, K, V, G, DQ, DK, DV, LSE, DI, DOM, CU, CNT, N,
-                          sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, sx_n, qk_scale, sm_scale,
+    def _lse_di(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, gv, inv_n, saved, mine,
+                W: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
+        """Log2-sum-exp and Di = g.O/n of the query rows ``qb`` of a large DOM by an online-softmax sweep over its
+        keys (what a saved forward would have left); the log-sum-exp also goes to ``saved`` for pass 2."""
+        m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC)
+        lse = m_i + tl.log2(l_i)
+        tl.store(saved + (W - 2), lse, mask=mine)
+        return lse, tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
+
+    @triton.jit
+    def _bwd_large_kernel(Q, K, V, G, DQ, DK, DV, SV, DOM, CU, CNT, N,
+                          sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, t_fwd,
                           T: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr,
-                          PREC: tl.constexpr, PASS: tl.constexpr):
+                          PREC: tl.constexpr, PASS: tl.constexpr, W: tl.constexpr):
         """The backward of the large DOMs (n > T), spread over programs so that no DOM is one program's
         serial work. Program (window, head) takes the rows [window*BL, +BL) that belong to large DOMs (at
         most a few DOMs per window), one DOM at a time. PASS 1 treats them as query rows: log-sum-exp and
-        O by an online softmax over the DOM's keys, Di = g.O/n, then dQ (a second sweep); lse and Di go to
-        the (N, H) scratch. PASS 2 (the next launch, so every Di is written) treats them as key rows: a
-        sweep over the DOM's query blocks gives dK = scale dS^T Q and the column sums of P, hence dV."""
+        Di = g.O/n, then dQ (a sweep over the DOM's keys); log-sum-exp and Di go to ``SV`` (``_saved_rows``,
+        W per row and head). Where the training step's forward flash-looped the DOM (n > ``t_fwd``) it left
+        O and log-sum-exp there (W = DH + 2), so pass 1 reads them; otherwise (and without a saved forward:
+        ``t_fwd`` = 2^31 - 1, W = 2) an online-softmax sweep over the DOM's keys recomputes them first, two
+        more block products per key block. PASS 2 (the next launch, so every Di is written) treats the rows
+        as key rows: a sweep over the DOM's query blocks gives dK = scale dS^T Q and the column sums of P,
+        hence dV."""
         pid = tl.program_id(0)
         win = pid // NH
         h = pid % NH
@@ -548,6 +580,7 @@ if HAVE_TRITON:
         NONE: tl.constexpr = 2147483647
         d = tl.min(tl.where(large, dom_r, NONE), axis=0)
         rows64 = rows.to(tl.int64)
+        saved = _saved_rows(SV, rows64, h, NH, W)
         while d < NONE:  # the large DOMs of this window, in order (windows without any exit at once)
             mine = large & (dom_r == d)
             n_d = tl.load(CNT + d).to(tl.int32)
@@ -556,9 +589,17 @@ if HAVE_TRITON:
             gv = tl.load(G + d.to(tl.int64) * sg_d + h * sg_h + dcol).to(tl.float32)
             if PASS == 1:
                 qb = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=mine[:, None], other=0.0)
-                m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC)
-                lse = m_i + tl.log2(l_i)
-                di = tl.sum((acc / l_i[:, None]) * gv[None, :], axis=1) * inv_n
+                if W > 2:  # (constexpr: without a saved forward the kernel is compiled without this branch)
+                    if n_d > t_fwd:  # the forward's O and log-sum-exp of these rows
+                        lse = tl.load(saved + (W - 2), mask=mine, other=0.0)
+                        o = tl.load(saved[:, None] + dcol[None, :], mask=mine[:, None], other=0.0)
+                        di = tl.sum(o * gv[None, :], axis=1) * inv_n
+                    else:
+                        lse, di = _lse_di(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, gv, inv_n, saved,
+                                          mine, W, DH, BL, PREC)
+                else:
+                    lse, di = _lse_di(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, gv, inv_n, saved, mine,
+                                      W, DH, BL, PREC)
                 dq_acc = tl.zeros([BL, DH], dtype=tl.float32)
                 for ks in range(0, n_d, BL):
                     km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
@@ -569,8 +610,7 @@ if HAVE_TRITON:
                     dq_acc += _mm(dsb.to(kb.dtype), kb, PREC)
                 tl.store(DQ + rows64[:, None] * sd_n + h * sd_h + dcol[None, :],
                          (dq_acc * sm_scale).to(DQ.dtype.element_ty), mask=mine[:, None])
-                tl.store(LSE + rows64 * sx_n + h, lse, mask=mine)
-                tl.store(DI + rows64 * sx_n + h, di, mask=mine)
+                tl.store(saved + (W - 1), di, mask=mine)
             else:
                 kb = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=mine[:, None], other=0.0)
                 vb = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=mine[:, None], other=0.0)
@@ -580,9 +620,10 @@ if HAVE_TRITON:
                 for qs in range(0, n_d, BL):
                     qm = (qs + bl) < n_d
                     qr = s0 + qs + bl
+                    sq = _saved_rows(SV, qr, h, NH, W)
                     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                    lse = tl.load(LSE + qr * sx_n + h, mask=qm, other=0.0)
-                    di = tl.load(DI + qr * sx_n + h, mask=qm, other=0.0)
+                    lse = tl.load(sq + (W - 2), mask=qm, other=0.0)
+                    di = tl.load(sq + (W - 1), mask=qm, other=0.0)
                     sb = _mm(qb, tl.trans(kb), PREC)
                     pb = tl.where(qm[:, None] & mine[None, :], tl.exp2(sb * qk_scale - lse[:, None]), 0.0)
                     dsb = pb * (ub[None, :] - di[:, None])
@@ -612,11 +653,11 @@ if HAVE_TRITON:
             return False, (pid - nb) // SPW, ((pid - nb) % SPW) * SNHL
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, DOM, CU, CNT, N,
+    def _fwd_kernel(Q, K, V, OUT, SV, DOM, CU, CNT, N,
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr,
-                    HB: tl.constexpr, NARROW: tl.constexpr):
+                    HB: tl.constexpr, NARROW: tl.constexpr, SAVE: tl.constexpr = False):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
@@ -625,15 +666,16 @@ if HAVE_TRITON:
         and the flash loop), one head per program unless SNHL says otherwise. ``split_flash`` plans launch
         the big windows' two jobs apart: ROLE 4 their tiles (SNHL heads per program, like the small role) and
         ROLE 3 their large DOMs' flash loops (one head per program), so each compiles to its own register
-        and shared-memory budget instead of the larger of the two. ``NARROW``: see ``_narrow_start``."""
+        and shared-memory budget instead of the larger of the two. ``NARROW``: see ``_narrow_start``. ``SAVE``:
+        the flash loops leave O and log-sum-exp of the large DOMs' rows in ``SV`` (``_fwd_level``)."""
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       0, T_BIG, True, DH, BL, PREC, SNHL, HB, True, NARROW)
+                       0, T_BIG, True, DH, BL, PREC, SNHL, HB, True, NARROW, SV=SV, NH=NH, SAVE=SAVE)
         elif ROLE == 3:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // NH, tl.program_id(0) % NH, T_SMALL, T_BIG, True, DH, BL, PREC, 1,
-                       False, False)
+                       False, False, SV=SV, NH=NH, SAVE=SAVE)
         elif ROLE == 4:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
@@ -642,7 +684,8 @@ if HAVE_TRITON:
             big, win, h = _program(tl.program_id(0), n_win_big, NH, SNHL, ROLE)
             if big:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
-                           win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1, False, True, NARROW)
+                           win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1, False, True, NARROW, SV=SV, NH=NH,
+                           SAVE=SAVE)
             else:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                            win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL, HB, True, NARROW)
@@ -724,8 +767,20 @@ def _rowmajor(x):
 
 
 def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd=False, **config):
-    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one or two Triton launches.
+    """(N, H, Dh) x3 -> (D, H, Dh) attention within each DOM + mean pool: one to three Triton launches.
     ``autograd``: called as the forward of a training step (two streams are then off under "auto")."""
+    return _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, False, config)[0]
+
+
+NOT_SAVED = 2**31 - 1  # ``t_fwd`` of a backward without a saved forward: no DOM is above it
+
+
+def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config):
+    """``fused_forward``; with ``save`` also (saved, t_fwd): the fp32 (N, H, Dh + 2) buffer in which the flash
+    loops left O and log-sum-exp of the rows of the DOMs of n > t_fwd (the plan's top tile level), which
+    ``fused_backward`` reads instead of recomputing them (``_bwd_large_kernel``, pass 1)."""
+    config = dict(config)
+    config.pop("save_forward", None)  # (read by DomFusedAttention.forward)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
     concurrent, _ = (_side_stream(config.pop(key, "auto"), q, autograd) for key in ("concurrent", "bwd_concurrent"))
     plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
@@ -734,12 +789,13 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
     n, n_heads, dh = q.shape
     snhl = n_heads if plan.head_loop else 1
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
+    saved = torch.empty((n, n_heads, dh + 2), device=q.device, dtype=torch.float32) if save else out
     n_win_big = -(-n // plan.t_big)
-    args = (q, k, v, out, pulse_to_dom, cu_seqlens, dom_counts, n, q.stride(0), q.stride(1), k.stride(0),
+    args = (q, k, v, out, saved, pulse_to_dom, cu_seqlens, dom_counts, n, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
     spec = _FWD.specialize(args)
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
-                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow)
+                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
                                                 warps, spec, plan.flash_stages if role == 3 else stages)
@@ -751,11 +807,15 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
     else:
         for fn in launch:
             fn()
-    return out
+    return out, saved, plan.t_big
 
 
-def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, **config):
-    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches, softmax recomputed."""
+def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved=None, t_fwd=NOT_SAVED,
+                   **config):
+    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): two or three launches, softmax recomputed.
+    ``saved``, ``t_fwd``: what ``_forward(save=True)`` left (the large DOMs' O and log-sum-exp); without them
+    the large DOMs' pass 1 recomputes those by an online-softmax sweep."""
+    config.pop("save_forward", None)
     _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
     plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)
     t_small, t_big, block, precision = plan.t_small, plan.t_big, plan.block, plan.precision
@@ -777,16 +837,21 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
                                   SNHL=snhl, NARROW=plan.narrow), warps, spec, stages)
 
     # DOMs of n > t_big: two passes (query rows, then key rows), windows of `block` rows in parallel
-    scratch = torch.empty((2, n, n_heads), device=q.device, dtype=torch.float32)  # lse, Di of those rows
-    large_args = (q, k, v, g, dq, dk, dv, scratch[0], scratch[1], pulse_to_dom, cu_seqlens, dom_counts, n,
+    if saved is None:  # log-sum-exp and Di of those rows
+        saved, t_fwd = torch.empty((n, n_heads, 2), device=q.device, dtype=torch.float32), NOT_SAVED
+    elif saved.shape != (n, n_heads, dh + 2) or saved.dtype != torch.float32 or not saved.is_contiguous():
+        raise ValueError(f"dom_fused: saved must be the forward's contiguous fp32 {(n, n_heads, dh + 2)}, got "
+                         f"{saved.dtype} {tuple(saved.shape)}")
+    large_args = (q, k, v, g, dq, dk, dv, saved, pulse_to_dom, cu_seqlens, dom_counts, n,
                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
-                  g.stride(1), dq.stride(0), dq.stride(1), scratch.stride(1), scale * LOG2E, scale)
+                  g.stride(1), dq.stride(0), dq.stride(1), scale * LOG2E, scale, t_fwd)
     large_spec = _BWD_LARGE.specialize(large_args)
 
     def large():
         for pass_ in (1, 2):
             _BWD_LARGE((-(-n // block) * n_heads,), large_args, dict(T=t_big, NH=n_heads, DH=dh, BL=block,
-                                                                     PREC=precision, PASS=pass_),
+                                                                     PREC=precision, PASS=pass_,
+                                                                     W=saved.shape[2]),
                        large_warps, large_spec, large_stages)
 
     if concurrent:  # the two write disjoint rows: run them side by side
@@ -798,18 +863,35 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
 
 
 class DomFusedAttention(torch.autograd.Function):
-    """Autograd wrapper: saves only q, k, v (the backward recomputes the softmax)."""
+    """Autograd wrapper: saves q, k, v and, with ``save_forward``, the forward's O and log-sum-exp of the
+    large DOMs' rows (the backward recomputes the rest of the softmax).
+
+    ``save_forward`` "auto" = fp32 only. Measured (H100, 4,096 events, profiler µs per launch, saved / not):
+    fp32 8x16 the backward's pass 1 3,244 -> 2,206 and the forward's flash launch 1,233 -> 1,305, step 10.76 ->
+    9.79 ms; fp32 1x128 pass 1 1,939 -> 1,664, forward 1,259 -> 1,314, step 5.25 -> 5.04 ms. In bf16 it
+    loses: the forward's flash loop spills and writes fp32 O (1x128 big-window launch 198 -> 268 µs) for a
+    pass 1 that only drops 390 -> 373 µs, whose time goes to the 17-64-pulse DOMs the forward did in tiles
+    (8x16: step 3.83 -> 4.14 ms). docs/dom_fused_notes.md, runs 39-41."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, config):
-        ctx.save_for_backward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-        ctx.scale, ctx.config = scale, config
-        return fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd=True, **config)
+        save = config.get("save_forward", "auto")
+        if save == "auto":
+            save = q.dtype == torch.float32  # measured above
+        if not isinstance(save, bool):
+            raise ValueError(f"dom_fused: save_forward must be True, False or 'auto', got {save!r}")
+        out, saved, t_fwd = _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, config)
+        if not save:
+            saved, t_fwd = None, NOT_SAVED
+        ctx.save_for_backward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, saved)
+        ctx.scale, ctx.config, ctx.t_fwd = scale, config, t_fwd
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, cu_seqlens, pulse_to_dom, dom_counts = ctx.saved_tensors
-        dq, dk, dv = fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, ctx.scale, **ctx.config)
+        q, k, v, cu_seqlens, pulse_to_dom, dom_counts, saved = ctx.saved_tensors
+        dq, dk, dv = fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, ctx.scale, saved,
+                                    ctx.t_fwd, **ctx.config)
         return dq, dk, dv, None, None, None, None, None
 
 

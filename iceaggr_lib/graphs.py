@@ -53,10 +53,12 @@ def pad_to_bucket(batch: DomBatch, n_bucket: int):
 
 
 class GraphedDomForward:
-    """Replays ``model`` (a ``DOMAggregator`` with backend 'dom_fused') forward from one CUDA graph per bucket."""
+    """Replays ``model`` (a ``DOMAggregator`` with backend 'dom_fused') forward from one CUDA graph per bucket.
+    ``attention_config``: dom_fused config keys for the captured attention (``dom_fused._default_config``)."""
 
-    def __init__(self, model, min_bucket: int = 256, warmup: int = 3):
+    def __init__(self, model, min_bucket: int = 256, warmup: int = 3, attention_config: dict | None = None):
         self.model = model
+        self.attention_config = dict(attention_config or {})
         self.min_bucket = min_bucket
         self.warmup = warmup
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output)
@@ -67,7 +69,7 @@ class GraphedDomForward:
         x = feats.to(m.qkv_proj.weight.dtype)
         qkv = m.qkv_proj(m.pulse_embed(x))
         q, k, v = qkv.view(-1, 3, m.n_heads, m.head_dim).unbind(dim=1)
-        out = dom_fused_attention(q, k, v, cu, dom, counts)
+        out = dom_fused_attention(q, k, v, cu, dom, counts, **self.attention_config)
         return out.reshape(-1, m.d_model)
 
     def _capture(self, n_bucket: int, device):

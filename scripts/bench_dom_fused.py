@@ -134,17 +134,19 @@ def peak_memory(fn, batch, h, dh, dtype):
             "fb_peak_bytes": fb_peak, "fb_io_bytes": fb_io, "fb_peak_over_io": fb_peak / fb_io}
 
 
-def graphs_bench(batch16):
+def graphs_bench(batch16, configs=()):
+    """The 16-event layer forward, eager and from a CUDA graph, per dtype; ``configs``: attention configs
+    captured as further graphs (``GraphedDomForward(attention_config=...)``)."""
     from iceaggr_lib.graphs import GraphedDomForward
     from iceaggr_lib.model import DOMAggregator
     import triton.testing
     res = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, config in [(d, c) for d in (torch.float32, torch.bfloat16) for c in [{}] + list(configs)]:
         model = DOMAggregator(backend="dom_fused").to("cuda", dtype)
         b = batch16.to("cuda")
         with torch.no_grad():
             eager = triton.testing.do_bench(lambda: model(b), warmup=50, rep=300, return_mode="median")
-            gf = GraphedDomForward(model)
+            gf = GraphedDomForward(model, attention_config=config)
             staged = gf.stage(batch16)
             out_g = gf.replay(staged).clone()
             out_e = model(b)
@@ -155,10 +157,11 @@ def graphs_bench(batch16):
             for _ in range(1000):
                 gf.replay(staged)
             torch.cuda.synchronize(); wall = (time.perf_counter() - t0) * 1e3 / 1000
-        res[str(dtype)] = {"eager_ms": eager, "graph_replay_ms": replay, "graph_replay_wall_ms": wall,
+        key = str(dtype) + (json.dumps(config) if config else "")
+        res[key] = {"eager_ms": eager, "graph_replay_ms": replay, "graph_replay_wall_ms": wall,
                            "stage_plus_replay_ms": stage_and_replay, "graph_vs_eager_rel_err": rel_err(out_g, out_e),
                            "n_pulses": batch16.n_pulses, "n_doms": batch16.n_doms}
-        log("graphs", dtype, res[str(dtype)])
+        log("graphs", key, res[key])
     return res
 
 
@@ -171,6 +174,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--configs", type=json.loads, default=[],
                     help='extra dom_fused configs for every point, e.g. \'[{"levels": [8, 32]}]\'')
+    ap.add_argument("--graph-configs", type=json.loads, default=[],
+                    help='--graphs: attention configs to capture besides the default, e.g. \'[{"precision": "ieee"}]\'')
     ap.add_argument("--fwd-only", action="store_true", help="time the forward only (sweeps; errors still checked)")
     ap.add_argument("--sweep-events", default="1024", type=lambda x: [int(e) for e in x.split(",")])
     ap.add_argument("--points", default="1024:bf16:1,4096:bf16:1,4096:fp32:1,4096:bf16:8,4096:fp32:8,1024:fp32:1,1024:bf16:8")
@@ -183,9 +188,9 @@ def main():
     batches = make_batches([16, 1024, 4096])
     log(f"batches built in {time.perf_counter() - t0:.1f} s:", {e: repr(b) for e, b in batches.items()})
     gpu = {e: b.to("cuda") for e, b in batches.items()}
-    graphs = graphs_bench(batches[16]) if args.graphs else None
+    graphs = graphs_bench(batches[16], args.graph_configs) if args.graphs else None
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for p in args.points.split(","):
+    for p in filter(None, args.points.split(",")):  # (--points "" with --graphs: the graphs only)
         ev, dname, h = p.split(":")
         ev, h, dtype = int(ev), int(h), dt[dname]
         b = gpu[ev]

@@ -12,7 +12,9 @@
 2. ``--grid-csv DIR``: the workbook's own harness (``iceaggr_lib.bench.run_grid``, timed as the grid is)
    on the embedded sample for dom_fused, bf16 1x128, both modes: launches on two streams or one, and
    Triton's own launch path (``grid_ab``), one CSV per variant in DIR.
-3. ``--launch-times``: the GPU time of each launch of one call (``launch_times``).
+3. ``--launch-times``: the GPU time of each launch of one training step (``launch_times``); ``--points`` and
+   ``--configs`` choose the batches and the dom_fused configs (default: a fixed list, each point with
+   ``save_forward`` on and off).
 4. ``--step-profile DIR``: where the grid's time of one forward + backward step goes (``step_profile``): for
    the grid's own step (``bench._make_step``) at 1,024 events, bf16 1x128, the host time per step, the GPU
    kernel time per step (profiler), the grid's median (``bench.time_calls``, L2 flushed) and, in DIR, the

@@ -812,7 +812,8 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved=None, t_fwd=NOT_SAVED,
                    **config):
-    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): two or three launches, softmax recomputed.
+    """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches for the tiles, two passes
+    for the large DOMs, softmax recomputed.
     ``saved``, ``t_fwd``: what ``_forward(save=True)`` left (the large DOMs' O and log-sum-exp); without them
     the large DOMs' pass 1 recomputes those by an online-softmax sweep."""
     config.pop("save_forward", None)

@@ -180,19 +180,21 @@ def main():
     ap.add_argument("--sweep-events", default="1024", type=lambda x: [int(e) for e in x.split(",")])
     ap.add_argument("--points", default="1024:bf16:1,4096:bf16:1,4096:fp32:1,4096:bf16:8,4096:fp32:8,1024:fp32:1,1024:bf16:8")
     args = ap.parse_args()
+    from host_dispatch import parse_points  # scripts/ is on sys.path when this runs as a script
+    try:
+        points = parse_points(args.points)
+    except ValueError as e:
+        ap.error(str(e))
     import triton
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     env["copy_bw_Bps"] = measure_copy_bandwidth("cuda")
     log("env", env)
     t0 = time.perf_counter()
-    batches = make_batches([16, 1024, 4096])
+    batches = make_batches(sorted({16} | {ev for ev, _, _, _ in points}))
     log(f"batches built in {time.perf_counter() - t0:.1f} s:", {e: repr(b) for e, b in batches.items()})
     gpu = {e: b.to("cuda") for e, b in batches.items()}
     graphs = graphs_bench(batches[16], args.graph_configs) if args.graphs else None
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for p in filter(None, args.points.split(",")):  # (--points "" with --graphs: the graphs only)
-        ev, dname, h = p.split(":")
-        ev, h, dtype = int(ev), int(h), dt[dname]
+    for ev, dname, dtype, h in points:  # (--points "" with --graphs: the graphs only)
         b = gpu[ev]
         dh = 128 // h
         scale = dh ** -0.5

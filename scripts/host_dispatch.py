@@ -32,6 +32,24 @@ import numpy as np
 import torch
 
 
+POINT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_points(spec: str) -> list:
+    """``--points`` of this script, ``profile_roles.py`` and ``bench_dom_fused.py``: "events:dtype:heads,..."
+    (dtype bf16 or fp32, heads dividing the model width 128) -> [(events, dtype name, torch dtype, heads)];
+    "" -> []. A malformed item raises ValueError naming it."""
+    points = []
+    for item in filter(None, spec.split(",")):
+        parts = item.split(":")
+        if (len(parts) != 3 or not parts[0].isdigit() or parts[1] not in POINT_DTYPES or not parts[2].isdigit()
+                or int(parts[2]) == 0 or 128 % int(parts[2])):
+            raise ValueError(f"--points: {item!r} is not events:dtype:heads (dtype bf16 or fp32, heads dividing "
+                             f"128), in {spec!r}")
+        points.append((int(parts[0]), parts[1], POINT_DTYPES[parts[1]], int(parts[2])))
+    return points
+
+
 def host_us(fn, n=300):
     for _ in range(20):
         fn()
@@ -132,8 +150,7 @@ def launch_times(configs=(), point_spec=None):
               (4096, torch.float32, 1, dict(merged=False, concurrent=False)),
               (4096, torch.float32, 8, dict(merged=False, concurrent=False))]
     if point_spec is not None:
-        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-        points = [(int(e), dt[d], int(h), {}) for e, d, h in (p.split(":") for p in point_spec.split(","))]
+        points = [(events, dtype, h, {}) for events, _, dtype, h in parse_points(point_spec)]
     if configs:
         points = [point[:3] + (dict(c),) for point in points for c in [{}] + list(configs)]
     else:  # each also with the other save_forward (the backward's pass 1 reads the forward's O / log-sum-exp or not)
@@ -291,6 +308,11 @@ def main():
     ap.add_argument("--events", type=int, default=1024, help="--step-profile: batch size in events")
     ap.add_argument("--rounds", type=int, default=1, help="--step-profile: times through the list")
     args = ap.parse_args()
+    if args.points is not None:
+        try:
+            parse_points(args.points)
+        except ValueError as e:
+            ap.error(str(e))
     if args.step_profile:
         return step_profile(args.step_profile, args.events, args.configs, args.rounds)
     if args.launch_times:

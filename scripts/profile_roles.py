@@ -31,20 +31,21 @@ def main():
     ap.add_argument("--configs", type=json.loads, default=[])
     ap.add_argument("--ncu", action="store_true")
     args = ap.parse_args()
-    from host_dispatch import per_launch_us  # scripts/ is on sys.path when this file runs as a script
+    from host_dispatch import parse_points, per_launch_us  # scripts/ is on sys.path when this runs as a script
 
     from iceaggr_lib.backends import dom_fused
     from iceaggr_lib.data.sample import generate_table
     from iceaggr_lib.testing import random_qkv
 
-    points = [p.split(":") for p in args.points.split(",")]
-    if any(len(p) != 3 or not p[0].isdigit() or p[1] not in ("bf16", "fp32") or not p[2].isdigit() for p in points):
-        ap.error(f"--points: events:dtype:heads with dtype bf16 or fp32, comma-separated; got {args.points!r}")
-    table = generate_table(max(int(e) for e, _, _ in points), seed=0)
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for events, dname, heads in points:
-        b = table.batch(0, int(events)).to("cuda")
-        h, dtype = int(heads), dtypes[dname]
+    try:
+        points = parse_points(args.points)
+    except ValueError as e:
+        ap.error(str(e))
+    if not points:
+        ap.error("--points: no point given")
+    table = generate_table(max(events for events, _, _, _ in points), seed=0)
+    for events, dname, dtype, h in points:
+        b = table.batch(0, events).to("cuda")
         dh = 128 // h
         q, k, v = random_qkv(b.n_pulses, h, dh, dtype=dtype, device="cuda")
         for config in [{}] + args.configs:

@@ -248,6 +248,8 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     sizes = icecube_like_sizes(4000, seed=5)
     sizes[1234] = 455  # the largest DOM seen in the data
     check_against_reference(sizes, n_heads, head_dim, dtype, seed=5)
+    # the training step with the other save_forward (the default, "auto", saves in fp32 only)
+    check_against_reference(sizes, n_heads, head_dim, dtype, seed=8, save_forward=dtype != torch.float32)
     if dtype == torch.float32:  # both fp32 precisions, whichever the default is (errors near 1e-5 would show here)
         for precision in ("tf32x3", "tf32x3_mask"):
             check_against_reference(sizes, n_heads, head_dim, dtype, seed=9, precision=precision)

@@ -341,6 +341,17 @@ if HAVE_TRITON:
         return _masked_softmax(_mm(q, tl.trans(k), PREC), _same_dom(own, dom_r, q.shape[0]), qk_scale, 1)
 
     @triton.jit
+    def _tile_qkv(Q, K, V, rows64, own, cnt_r, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr):
+        """q, k, v (R x DH) of a tile's rows ``rows64``, head ``h``: zeros where a row is not owned, and q, k
+        zeros for a one-pulse DOM too (its softmax is 1, so those bytes are not read)."""
+        dcol = tl.arange(0, DH)
+        multi = own & (cnt_r > 1)
+        q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
+        k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
+        v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+        return q, k, v
+
+    @triton.jit
     def _fwd_tile(Q, K, V, OUT, CNT, rows64, dom_r, cnt_r, own, out_d, d_hi, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
                   so_d, so_h, qk_scale, h0, LO: tl.constexpr, T: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr,
                   NHL: tl.constexpr, HB: tl.constexpr):
@@ -355,10 +366,7 @@ if HAVE_TRITON:
             # masks out of it made Triton 3.6's layout pass fail ('arith.andi' operand encodings).
             for hh in tl.static_range(NHL):
                 h = h0 + hh
-                multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-                q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-                v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+                q, k, v = _tile_qkv(Q, K, V, rows64, own, cnt_r, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, DH)
                 p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
                 cntf = tl.where(own, cnt_r, 1).to(tl.float32)
                 w = tl.sum(p, axis=0) / cntf  # pooling weight of each key row
@@ -441,10 +449,7 @@ if HAVE_TRITON:
         dcol = tl.arange(0, DH)
         for hh in tl.static_range(NHL):  # one head's order of operations, as in the forward
             h = h0 + hh
-            multi = own & (cnt_r > 1)  # a one-pulse DOM needs no q, k (its softmax is 1): skip those bytes
-            q = tl.load(Q + rows64[:, None] * sq_n + h * sq_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            k = tl.load(K + rows64[:, None] * sk_n + h * sk_h + dcol[None, :], mask=multi[:, None], other=0.0)
-            v = tl.load(V + rows64[:, None] * sv_n + h * sv_h + dcol[None, :], mask=own[:, None], other=0.0)
+            q, k, v = _tile_qkv(Q, K, V, rows64, own, cnt_r, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, DH)
             g = tl.load(G + dom_r.to(tl.int64)[:, None] * sg_d + h * sg_h + dcol[None, :], mask=own[:, None],
                         other=0.0).to(tl.float32)
             p = _tile_softmax(q, k, own, dom_r, qk_scale, PREC)
@@ -871,7 +876,7 @@ class DomFusedAttention(torch.autograd.Function):
     fp32 8x16 the backward's pass 1 3,244 -> 2,206 and the forward's flash launch 1,233 -> 1,305, step 10.76 ->
     9.79 ms; fp32 1x128 pass 1 1,939 -> 1,664, forward 1,259 -> 1,314, step 5.25 -> 5.04 ms. In bf16 it
     loses: the forward's flash loop spills and writes fp32 O (1x128 big-window launch 198 -> 268 µs) for a
-    pass 1 that only drops 390 -> 373 µs, whose time goes to the 17-64-pulse DOMs the forward did in tiles
+    pass 1 that only drops 388 -> 373 µs, whose time goes to the 17-64-pulse DOMs the forward did in tiles
     (8x16: step 3.83 -> 4.14 ms). docs/dom_fused_notes.md, runs 39-41."""
 
     @staticmethod

@@ -242,6 +242,7 @@ def main():
                 RESULTS.append(row)
                 log(json.dumps(row))
         torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"env": env, "results": RESULTS, "graphs": graphs}, f, indent=1)
     log("\n== summary (ms, medians; floor at 3 TB/s) ==")

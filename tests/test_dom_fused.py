@@ -187,6 +187,42 @@ def test_split_flash_plan():
         dom_fused._resolve(torch.float32, 16, 1, 1000, precision="tf64")
 
 
+def test_warps_per_launch_plan():
+    """Several 16-dim heads: the big windows' tiles, the flash loops and the backward run 2-warp programs (v13),
+    the small windows' tiles 4; one 128-dim head keeps 4 everywhere; a bad warps value is refused by name."""
+    many = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000)
+    assert (many.warps[0][0], many.big_warps, many.flash_warps, many.flash_block) == (4, 2, 2, 32)
+    back = dom_fused._resolve(torch.float32, 16, 8, 500_000, backward=True)
+    assert (back.warps[0][0], back.warps[1][0]) == (2, 2)
+    one = dom_fused._resolve(torch.bfloat16, 128, 1, 500_000)
+    assert (one.warps, one.big_warps, one.flash_warps) == (((4, None), (4, 2)), None, None)
+    for key in ("flash_num_warps", "big_num_warps"):
+        with pytest.raises(ValueError, match=key):
+            dom_fused._resolve(torch.float32, 16, 8, 1000, **{key: 3})
+
+
+@needs_kernel
+def test_each_forward_launch_gets_its_roles_warps(monkeypatch):
+    """The forward's launches are made with their role's warps and pipelining: small windows ``num_warps``, big
+    windows' tiles ``big_num_warps``, flash loops ``flash_num_warps`` / ``flash_num_stages`` (recorded at the
+    launch), and the result still matches the reference."""
+    launches = []
+    real = dom_fused._FWD
+
+    class Recorder:  # FastLaunch's call, recorded
+        specialize = staticmethod(real.specialize)
+
+        def __call__(self, grid, args, constexprs, warps, spec, stages):
+            launches.append((constexprs["ROLE"], warps, stages))
+            return real(grid, args, constexprs, warps, spec, stages)
+
+    monkeypatch.setattr(dom_fused, "_FWD", Recorder())
+    check_against_reference([3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1], 4, 16, torch.float32, levels=(8, 16),
+                            bwd_levels=(8, 16), block=16, merged=False, split_flash=True, head_loop=True,
+                            num_warps=4, big_num_warps=2, flash_num_warps=1, flash_num_stages=2)
+    assert launches[:3] == [(2, 4, None), (4, 2, None), (3, 1, 2)], launches
+
+
 @needs_kernel
 def test_empty_batch():
     """A batch with no pulses gives an empty output and empty gradients, not an error (no launch has work)."""

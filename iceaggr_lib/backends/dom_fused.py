@@ -94,9 +94,11 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     instead of a loop over the heads (forward); "auto" = wherever it applies (head_loop, power-of-two heads).
     ``split_flash`` (forward, two levels, not merged): the big windows' tiles and their large DOMs' flash loops
     as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
-    heads. ``flash_block`` / ``flash_num_stages``: that flash launch's block rows (None = ``block``) and
-    pipelining. ``precision`` (fp32 dots): "tf32x3_mask" (the fp32 default, see ``_mm``), "tf32x3", "ieee", or
-    "tf32" (one pass: misses the fp32 tolerance, for experiments only).
+    heads. ``flash_block`` / ``flash_num_stages`` / ``flash_num_warps``: that flash launch's block rows (None =
+    ``block``), pipelining and warps (None = ``num_warps``). ``big_num_warps``: the warps of the forward's launches
+    of big windows (their tiles; the merged launch; None = ``num_warps``). ``precision`` (fp32 dots): "tf32x3_mask"
+    (the fp32 default, see ``_mm``), "tf32x3", "ieee", or "tf32" (one pass: misses the fp32 tolerance, for
+    experiments only).
     ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
     from its first owned row instead of the 2T x 2T one (``_narrow_start``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
@@ -108,23 +110,37 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
     # split_flash "auto" (runs 25, 27; 4,096 events, do_bench fwd): 8x16 bf16 1.08 -> 0.86 ms, fp32 2.64 -> 2.15
     # (with 64-row flash blocks); 1x128 slower (bf16 0.33 -> 0.36, fp32 1.30 -> 1.49), so only with several heads.
+    # v13, several heads (run 50, profiler µs per launch at 4,096 events): programs of 2 warps, where a program's
+    # work is one 16-dim head of a few DOMs, keep more of them per SM. Forward flash launch (32-row blocks, 2
+    # warps, 3 stages): fp32 1,248 -> 827, bf16 400 -> 313; backward large-DOM passes (2 warps, 32-row blocks):
+    # fp32 2,220 + 2,923 -> 1,715 + 1,791, bf16 907 + 1,222 -> 665 + 793; backward tiles (2 warps): fp32 2,407
+    # -> 1,758, bf16 881 -> 612. With one 128-dim head 2 warps lose (1,024 bf16 pass 1 81 -> 188 µs).
+    # Run 53: the big windows' tiles (2 warps) bf16 202 -> 110, fp32 294 -> 241 µs; the one merged launch below
+    # 400k pulses (1,024 events) bf16 238 -> 204, fp32 466 -> 353; the small windows' tiles lose (bf16 244 -> 282).
+    multi_warps = dict(flash_block=32, flash_num_warps=2, flash_num_stages=3, bwd_num_warps=2, large_num_warps=2,
+                       bwd_block=32, big_num_warps=2)
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
-        return dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
-                    block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
-                    head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
-                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
-                    split_flash="auto", flash_block=64 if multi else None, flash_num_stages=1 if multi else None,
-                    narrow=True)
+        cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
+                   block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
+                   head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
+                   merge_below_pulses=400_000 if multi else 0, head_loop=multi,
+                   split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
+                   narrow=True)
+        return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
-    return dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4,
-                large_num_warps=4, block=64, bwd_block=64, num_stages=1 if multi else None, bwd_num_stages=None,
-                large_num_stages=None, head_batch="auto",
-                precision="ieee", merged="auto",
-                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
-                split_flash="auto", flash_block=None, flash_num_stages=1 if multi else None, narrow=True)
+    # large_num_stages=2 with one head (run 50): the backward's large-DOM pass 1 at 1,024 events 81.5 -> 71.6 µs,
+    # at 4,096 391 -> 357.
+    cfg = dict(levels=(16, 32) if multi else (16, 64), bwd_levels=(16,), num_warps=4, bwd_num_warps=4,
+               large_num_warps=4, block=64, bwd_block=64, num_stages=1 if multi else None, bwd_num_stages=None,
+               large_num_stages=None if multi else 2, head_batch="auto",
+               precision="ieee", merged="auto",
+               merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
+               split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
+               narrow=True)
+    return dict(cfg, **multi_warps) if multi else cfg
 
 
 class Plan(NamedTuple):
@@ -141,6 +157,8 @@ class Plan(NamedTuple):
     split_flash: bool = False
     flash_block: int = 64  # a split_flash plan's flash launch: block rows,
     flash_stages: int | None = None  # and num_stages
+    flash_warps: int | None = None  # and num_warps (None: the tiles' num_warps)
+    big_warps: int | None = None  # num_warps of the forward's big-window tiles and merged launch (None: the tiles')
     narrow: bool = True  # tiles: T x T from the first owned row where the owned rows fit
 
 
@@ -201,13 +219,17 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError("dom_fused: split_flash needs two tile levels")
     if cfg["precision"] not in ("tf32x3_mask", "tf32x3", "tf32", "ieee"):
         raise ValueError(f"dom_fused: precision must be 'tf32x3_mask', 'tf32x3', 'tf32' or 'ieee', got {cfg['precision']!r}")
+    for key in ("flash_num_warps", "big_num_warps"):
+        if cfg[key] is not None and cfg[key] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"dom_fused: {key} must be None or a power of two <= 16, got {cfg[key]!r}")
     flash_block = cfg["flash_block"] or block
     if flash_block < 16 or flash_block & (flash_block - 1):
         raise ValueError(f"dom_fused: flash_block must be a power of two >= 16, got {flash_block}")
     if not isinstance(cfg["narrow"], bool):
         raise ValueError(f"dom_fused: narrow must be True or False, got {cfg['narrow']!r}")
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
-                split_flash, flash_block, cfg["flash_num_stages"], cfg["narrow"])
+                split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
+                cfg["narrow"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -802,8 +824,11 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
                       SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
+    role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
+                  4: plan.big_warps or warps}  # (role 2, the small windows: the tiles' num_warps)
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
-                                                warps, spec, plan.flash_stages if role == 3 else stages)
+                                                role_warps.get(role, warps), spec,
+                                                plan.flash_stages if role == 3 else stages)
               for role, grid in _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)]
     if len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles
         run_concurrently(q.device, lambda: (launch[0](), launch[1]()), launch[2])

@@ -96,7 +96,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     as two launches, each compiled to its own register budget (three launches in all); "auto" = with several
     heads. ``flash_block`` / ``flash_num_stages`` / ``flash_num_warps``: that flash launch's block rows (None =
     ``block``), pipelining and warps (None = ``num_warps``). ``big_num_warps``: the warps of the forward's launches
-    of big windows (their tiles; the merged launch; None = ``num_warps``). ``precision`` (fp32 dots): "tf32x3_mask"
+    of big windows (their tiles; the merged or single-level launch; None = ``num_warps``). ``precision`` (fp32 dots): "tf32x3_mask"
     (the fp32 default, see ``_mm``), "tf32x3", "ieee", or "tf32" (one pass: misses the fp32 tolerance, for
     experiments only).
     ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
@@ -825,7 +825,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
                       SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
-                  4: plan.big_warps or warps}  # (role 2, the small windows: the tiles' num_warps)
+                  4: plan.big_warps or warps}  # role 0: merged or single-level; 2, the small windows: num_warps
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
                                                 role_warps.get(role, warps), spec,
                                                 plan.flash_stages if role == 3 else stages)

@@ -132,11 +132,11 @@ def per_launch_us(call, n_calls=5, prefixes=("_fwd_kernel", "_bwd_")):
     return names, np.array([t for _, t in kernels]).reshape(n_calls, per_call)
 
 
-def launch_times(configs=(), point_spec=None):
+def launch_times(configs=(), points_given=None):
     """GPU time of each launch of one call (forward, then forward + backward), in launch order, from the
     profiler's kernel records: shows which launch (small tiles, big tiles, large-DOM passes) bounds a call.
-    ``configs``: dom_fused configs to run at every point besides the default; ``point_spec``: "events:dtype:heads,..."
-    (default: the list below, each also with the other ``save_forward``)."""
+    ``configs``: dom_fused configs to run at every point besides the default; ``points_given``: ``parse_points``'s
+    list of --points (default: the list below, each also with the other ``save_forward``)."""
 
     from iceaggr_lib.backends.dom_fused import dom_fused_attention
     from iceaggr_lib.data.sample import generate_table
@@ -149,8 +149,8 @@ def launch_times(configs=(), point_spec=None):
               # fp32 runs its two tile roles in one launch by default: split them to see which costs
               (4096, torch.float32, 1, dict(merged=False, concurrent=False)),
               (4096, torch.float32, 8, dict(merged=False, concurrent=False))]
-    if point_spec is not None:
-        points = [(events, dtype, h, {}) for events, _, dtype, h in parse_points(point_spec)]
+    if points_given is not None:
+        points = [(events, dtype, h, {}) for events, _, dtype, h in points_given]
     if configs:
         points = [point[:3] + (dict(c),) for point in points for c in [{}] + list(configs)]
     else:  # each also with the other save_forward (the backward's pass 1 reads the forward's O / log-sum-exp or not)
@@ -308,15 +308,16 @@ def main():
     ap.add_argument("--events", type=int, default=1024, help="--step-profile: batch size in events")
     ap.add_argument("--rounds", type=int, default=1, help="--step-profile: times through the list")
     args = ap.parse_args()
+    points = None
     if args.points is not None:
         try:
-            parse_points(args.points)
+            points = parse_points(args.points)
         except ValueError as e:
             ap.error(str(e))
     if args.step_profile:
         return step_profile(args.step_profile, args.events, args.configs, args.rounds)
     if args.launch_times:
-        return launch_times(args.configs, args.points)
+        return launch_times(args.configs, points)
     dispatch_table()
     if args.grid_csv:
         grid_ab(args.grid_csv)

@@ -223,6 +223,27 @@ def test_each_forward_launch_gets_its_roles_warps(monkeypatch):
     assert launches[:3] == [(2, 4, None), (4, 2, None), (3, 1, 2)], launches
 
 
+def test_launch_that_does_not_fit_names_the_backend_and_settings():
+    """A kernel that needs more shared memory than the GPU has (e.g. a user's flash_block=64 with fp32 and three
+    stages) is reported naming dom_fused, the kernel and its settings, not only Triton's byte counts."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from iceaggr_lib.backends.triton_launch import FastLaunch
+
+    class TooBig:  # stands in for a JITFunction whose compile exceeds the shared memory
+        __name__ = "_fwd_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    with pytest.raises(RuntimeError, match=r"dom_fused: kernel _fwd_kernel with \{'BL': 64\}, num_warps=4, "
+                                           r"num_stages=3 does not fit this GPU.*shared memory"):
+        FastLaunch(TooBig(), "dom_fused")((1,), (), {"BL": 64}, 4, None, 3)
+
+
 @needs_kernel
 def test_empty_batch():
     """A batch with no pulses gives an empty output and empty gradients, not an error (no launch has work)."""

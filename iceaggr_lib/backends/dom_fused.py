@@ -740,7 +740,7 @@ if HAVE_TRITON:
 
 
     # kernel[grid](...) less its host overhead
-    _FWD, _BWD, _BWD_LARGE = FastLaunch(_fwd_kernel), FastLaunch(_bwd_kernel), FastLaunch(_bwd_large_kernel)
+    _FWD, _BWD, _BWD_LARGE = (FastLaunch(k, "dom_fused") for k in (_fwd_kernel, _bwd_kernel, _bwd_large_kernel))
 
 
 def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):

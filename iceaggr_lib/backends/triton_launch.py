@@ -28,10 +28,12 @@ import torch
 
 try:
     import triton
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
     HAVE_TRITON = False
+    OutOfResources = ()  # (an except clause with an empty tuple catches nothing)
 
 
 ENABLED = True  # False: always the plain ``kernel[grid](...)`` (A/B timing; scripts/compile_check.py)
@@ -64,8 +66,9 @@ class FastLaunch:
     num_warps=num_warps)`` (and ``num_stages`` if given), with the host work of a repeated launch cut to the specialisation key and the
     C launcher. ``args``: the runtime arguments in signature order; ``constexprs``: the rest, by name."""
 
-    def __init__(self, jit_fn):
+    def __init__(self, jit_fn, owner: str = "triton"):
         self.jit_fn = jit_fn
+        self.owner = owner  # named in errors: the backend whose kernel this is
         self.kernels: dict = {}
         self.fast_launches = 0  # launches that took the direct path (tests check the fast path ran)
         self._ok = None  # decided at the first launch (the module may be imported before CUDA is set up)
@@ -99,17 +102,28 @@ class FastLaunch:
     def _options(num_warps, num_stages):
         return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
 
+    def _plain(self, grid, args, constexprs, num_warps, num_stages):
+        """Triton's own launch; a kernel that does not fit the GPU (shared memory, registers) is reported with
+        its owner, name and settings, which Triton's message leaves out."""
+        try:
+            return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
+        except OutOfResources as e:
+            name = getattr(self.jit_fn, "__name__", type(self.jit_fn).__name__)
+            raise RuntimeError(f"{self.owner}: kernel {name} with {constexprs}, num_warps={num_warps}, "
+                               f"num_stages={num_stages} does not fit this GPU ({e}); a smaller block or "
+                               f"fewer stages would") from e
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, spec=False, num_stages=None):
         """Launch; ``spec``: from ``specialize(args)`` when the caller has it already; ``num_stages``: None
         for Triton's default."""
         if spec is False:
             spec = self.specialize(args)
         if spec is None:
-            return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
+            return self._plain(grid, args, constexprs, num_warps, num_stages)
         key = (spec, tuple(constexprs.values()), num_warps, num_stages)
         kernel = self.kernels.get(key)
         if kernel is None:  # Triton's own launch compiles (or finds) the kernel and launches it
-            kernel = self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
+            kernel = self._plain(grid, args, constexprs, num_warps, num_stages)
             self.kernels[key] = kernel
             return kernel
         full = list(args)

@@ -105,6 +105,12 @@ def main(argv=None) -> int:
         name = (f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} head_loop={head_loop!s:<6}"
                 f"{' head_batch' if head_batch else ''}{' merged' if merged else ''}")
         plans.append((name, dtype, heads, dh, dict(head_loop=head_loop, merged=merged, head_batch=head_batch)))
+    for dtype, (heads, dh), level in itertools.product((torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (0, 1)):
+        # dom_classes: the default's "auto" takes T_big with several heads at >= 400k pulses, not reached here
+        levels = (16, 32) if heads > 1 or dtype == torch.float32 else (16, 64)
+        top = levels[level]
+        plans.append((f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} size_classes={top}", dtype, heads, dh,
+                      dict(size_classes=top, levels=levels, merged=False)))
     # the test suite's small tile levels (8 rows: below Triton's smallest dot for T x T tiles), every role
     small = dict(levels=(8, 16), bwd_levels=(8, 16), block=16)
     for extra in (dict(levels=(8,), bwd_levels=(8,), block=16), dict(small, merged=True), dict(small, merged=False),
@@ -134,7 +140,9 @@ def main(argv=None) -> int:
                 print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
                 continue
             for fn_name, kw, kernel in compiled:
-                if "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
+                if fn_name.startswith("_class"):  # dom_classes (size_classes): classify + copy, the class tiles
+                    role, tiles = fn_name[1:].replace("_kernel", ""), f"classes={kw['NC']}"
+                elif "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
                     role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"
                 else:
                     role, tiles = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"

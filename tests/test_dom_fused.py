@@ -111,10 +111,39 @@ def test_narrow_tiles_fp32(n_heads, extra, narrow):
     [17, 1, 16, 33, 2, 8, 9, 1, 50],
 ], ids=["with_large", "edges"])
 def test_split_flash_fp32(sizes, n_heads, extra):
-    """``split_flash``: small tiles, big tiles and the large DOMs' flash loops as three launches; every DOM
-    of every level written once (a DOM missed or written by two roles fails the reference check)."""
+    """``split_flash`` (without ``size_classes``, which "auto" turns on with it): small tiles, big tiles and the
+    large DOMs' flash loops as three launches; every DOM of every level written once (a DOM missed or written by two roles fails the reference check)."""
     check_against_reference(sizes, n_heads, 16, torch.float32, levels=(8, 16), bwd_levels=(8, 16), block=16,
-                            merged=False, split_flash=True, **extra)
+                            merged=False, split_flash=True, size_classes=0, **extra)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True)),
+                                            (2, dict(merged=True, class_num_warps=2))],
+                         ids=["h1", "h4_split", "h2_merged"])
+@pytest.mark.parametrize("top", [8, 16])
+def test_size_classes(top, n_heads, extra, dtype):
+    """``size_classes``: the DOMs up to ``top`` pulses (every class 1, 2, 3-4, 5-8, 9-16 occurs, several work
+    items of some) by dom_classes, the rest by the big windows' tiles (top 8) or only the flash loops (top 16);
+    every DOM matches the reference in forward and gradients (the backward keeps its own tiles). bf16 on CUDA
+    only: the interpreter's bf16 dots in the other launches are not exact enough to test against."""
+    sizes = ([1] * 40 + [2] * 20 + list(np.random.default_rng(3).integers(1, 17, 50))
+             + [16, 9, 8, 5, 4, 3, 17, 40, 1, 33, 2])
+    check_against_reference(sizes, n_heads, 16, dtype, levels=(8, 16), bwd_levels=(8, 16), block=16,
+                            size_classes=top, **extra)
+
+
+def test_size_classes_plan():
+    """size_classes takes one of the two tile levels, with power-of-two heads; the backward ignores it."""
+    plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=32)
+    assert plan.size_classes == 32 and dom_fused._class_roles([], plan, 64, 8, 8) == [(3, (2 * 8,))]
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
+    for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3)):
+        with pytest.raises(ValueError, match="dom_fused"):
+            dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
+    with pytest.raises(ValueError, match="power of two"):
+        dom_fused._resolve(torch.float32, 16, 3, 1000, size_classes=16)
 
 
 @needs_kernel
@@ -219,7 +248,7 @@ def test_each_forward_launch_gets_its_roles_warps(monkeypatch):
     monkeypatch.setattr(dom_fused, "_FWD", Recorder())
     check_against_reference([3, 1, 20, 1, 1, 2, 37, 1, 1, 3, 16, 17, 1], 4, 16, torch.float32, levels=(8, 16),
                             bwd_levels=(8, 16), block=16, merged=False, split_flash=True, head_loop=True,
-                            num_warps=4, big_num_warps=2, flash_num_warps=1, flash_num_stages=2)
+                            num_warps=4, big_num_warps=2, flash_num_warps=1, flash_num_stages=2, size_classes=0)
     assert launches[:3] == [(2, 4, None), (4, 2, None), (3, 1, 2)], launches
 
 

@@ -47,7 +47,9 @@ flash-looped the DOM and kept them (``save_forward``, the fp32 default), else fr
 sweep over the DOM's keys in pass 1.
 
 With several heads and many pulses (``split_flash``) the big windows' tiles and their large DOMs' flash
-loops are two launches, so that each compiles to its own register budget.
+loops are two launches, so that each compiles to its own register budget. There (``size_classes``) the tiles
+of both levels give way to ``dom_classes``: the DOMs are first listed by size class (one-pulse DOMs copied
+on the way), then packed into tiles of one class each, so a tile's scores are nearly all real pairs.
 
 Precision: accumulation is fp32; bf16/fp16 feed the tensor cores directly. fp32 must not use plain
 tf32 (it would miss the 1e-5 tolerance): the fp32 default is ``"tf32x3_mask"`` (three tf32 passes with
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
+from iceaggr_lib.backends.dom_classes import class_attend, class_buffers
 from iceaggr_lib.backends.triton_launch import FastLaunch, run_concurrently
 
 try:  # Triton is on the GPU image; the CPU CI venv may not have it, and the registry must still import.
@@ -101,6 +104,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     experiments only).
     ``narrow`` (forward and backward): a window whose owned rows span at most T rows is done as a T x T tile
     from its first owned row instead of the 2T x 2T one (``_narrow_start``).
+    ``size_classes`` (forward, two levels): 0 (off), T_small or T_big: the DOMs of n <= that many pulses are
+    done by ``dom_classes`` (grouped by size, packed into tiles of one size class each) instead of the row-window
+    tiles; the large DOMs keep their flash loops. "auto" (the default) = T_big wherever ``split_flash`` is on
+    (several heads, from ``merge_below_pulses``), else 0. ``class_num_warps``: the warps of its attend launch.
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -119,6 +126,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # 400k pulses (1,024 events) bf16 238 -> 204, fp32 466 -> 353; the small windows' tiles lose (bf16 244 -> 282).
     multi_warps = dict(flash_block=32, flash_num_warps=2, flash_num_stages=3, bwd_num_warps=2, large_num_warps=2,
                        bwd_block=32, big_num_warps=2)
+    # v14 size_classes "auto" (run 62, do_bench fwd at 4,096 events, 8x16, off / on in one call): bf16 0.610 -> 0.474
+    # ms, fp32 1.447 -> 1.088; class_num_warps (run 59): bf16 2 (4: +3 %), fp32 4 (2: +6 %). With one head (not on
+    # by default) bf16 0.290 -> 0.280 and fp32 1.223 -> 1.100 (size_classes 16, 2 warps, run 59), but at 1,024
+    # events bf16 1x128 0.073 -> 0.152 (host-bound: two more launches and two buffers per call).
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
@@ -126,7 +137,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
-                   narrow=True)
+                   narrow=True, size_classes="auto", class_num_warps=4)
         return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -139,7 +150,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                precision="ieee", merged="auto",
                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
-               narrow=True)
+               narrow=True, size_classes="auto", class_num_warps=2)
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -160,6 +171,8 @@ class Plan(NamedTuple):
     flash_warps: int | None = None  # and num_warps (None: the tiles' num_warps)
     big_warps: int | None = None  # num_warps of the forward's big-window tiles and merged launch (None: the tiles')
     narrow: bool = True  # tiles: T x T from the first owned row where the owned rows fit
+    size_classes: int | str = 0  # forward: DOMs of n <= this by dom_classes instead of tiles (0: off; "auto")
+    class_warps: int = 4  # dom_classes: num_warps of its attend launch
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -175,11 +188,13 @@ def _resolved(dtype, head_dim, n_heads, backward, items, below_merge) -> Plan:
     if plan.split_flash is True:  # three launches: the tiles are not merged
         if plan.merged is True:
             raise ValueError("dom_fused: split_flash=True needs merged False or 'auto'")
-        return plan._replace(merged=False)
+        plan = plan._replace(merged=False)
     if plan.merged == "auto":
         plan = plan._replace(merged=below_merge)
     if plan.split_flash == "auto":  # several heads, two launches of tiles (not merged), a forward
         plan = plan._replace(split_flash=n_heads > 1 and bool(plan.t_small) and not plan.merged and not backward)
+    if plan.size_classes == "auto":  # where the flash loops are a launch of their own: every tile DOM in classes
+        plan = plan._replace(size_classes=plan.t_big if plan.split_flash else 0)
     return plan
 
 
@@ -227,9 +242,19 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError(f"dom_fused: flash_block must be a power of two >= 16, got {flash_block}")
     if not isinstance(cfg["narrow"], bool):
         raise ValueError(f"dom_fused: narrow must be True or False, got {cfg['narrow']!r}")
+    size_classes = cfg["size_classes"] or 0
+    if backward:  # (the backward keeps its tiles)
+        size_classes = 0
+    elif size_classes == "auto":  # resolved with split_flash (_resolved)
+        size_classes = "auto" if t_small and n_heads & (n_heads - 1) == 0 else 0
+    elif size_classes and (not t_small or size_classes not in (t_small, levels[-1]) or n_heads & (n_heads - 1)):
+        raise ValueError(f"dom_fused: size_classes must be 0 or one of the two tile levels {levels} (and n_heads a "
+                         f"power of two), got {cfg['size_classes']!r} with {n_heads} heads")
+    if cfg["class_num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"dom_fused: class_num_warps must be a power of two <= 16, got {cfg['class_num_warps']!r}")
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
-                cfg["narrow"])
+                cfg["narrow"], size_classes, cfg["class_num_warps"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -247,6 +272,17 @@ def _launches(n, t_small, t_big, n_heads, merged, snhl, split_flash=False):
     if merged:
         return [(0, (n_big * n_heads + n_small * spw,))]
     return [(2, (n_small * spw,)), (1, (n_big * n_heads,))]
+
+
+def _class_roles(roles, plan, n, n_heads, snhl):
+    """The launches left beside ``dom_classes`` (``size_classes``): with every tile DOM in classes only the flash
+    loops (role 3); with the small ones, the big windows' launch(es), their tiles and flash loops."""
+    n_big = -(-n // plan.t_big)
+    if plan.size_classes == plan.t_big:
+        return [(3, (n_big * n_heads,))]
+    if plan.split_flash:
+        return [(role, grid) for role, grid in roles if role != 2]
+    return [(1, (n_big * n_heads,))]
 
 
 def window_spans(dom_counts, lo: int, t: int) -> dict:
@@ -277,30 +313,7 @@ def window_spans(dom_counts, lo: int, t: int) -> dict:
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _tf32_hi(x):
-        """``x`` (fp32) rounded to tf32's 10 mantissa bits (to nearest, ties away from zero), as fp32."""
-        return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _mm(a, b, PREC: tl.constexpr):
-        """``tl.dot(a, b)`` at precision PREC. "tf32x3_mask" is tf32x3 with the operand split written here:
-        hi = x rounded to tf32 by integer ops on its bits, lo = x - hi (exact), then
-        a_lo b_hi + a_hi b_lo + a_hi b_hi on the tensor cores; Triton's own "tf32x3" rounds both halves with
-        ``cvt.rna.tf32.f32``, which sm_90 runs as a sequence of integer and compare instructions per element.
-        lo goes to the tensor cores unrounded: a tf32 product reads the top 19 bits of the register, so lo is
-        truncated there, an error of <= 2^-21 of x (GPU tests: output errors unchanged, at fp32's own rounding)."""
-        if PREC == "tf32x3_mask" and a.dtype == tl.float32 and b.dtype == tl.float32:
-            a_hi = _tf32_hi(a)
-            b_hi = _tf32_hi(b)
-            acc = tl.dot(a - a_hi, b_hi, input_precision="tf32")
-            acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
-            return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-        elif PREC == "tf32x3_mask":  # 16-bit operands: the tensor cores take them as they are
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b, input_precision=PREC)
+    from iceaggr_lib.backends.tile_math import _masked_softmax, _mm, _same_dom
 
     @triton.jit
     def _window(DOM, CU, N, win, T: tl.constexpr):
@@ -333,28 +346,6 @@ if HAVE_TRITON:
         first = tl.min(tl.where(own, rows, BIG), axis=0)
         last = tl.max(tl.where(own, rows, -1), axis=0)
         return tl.where(last - first < T, first, -1)
-
-    @triton.jit
-    def _same_dom(own, dom_r, T2: tl.constexpr):
-        """(T2, T2) mask of the tile's pairs (query row, key row) of owned rows of one DOM, by one compare per
-        pair: rows not owned get ids below zero that match nothing (query and key ids of them differ)."""
-        i = tl.arange(0, T2)
-        kid = tl.where(own, dom_r, -1 - i)
-        qid = tl.where(own, dom_r, -1 - T2 - i)
-        return qid[:, None] == kid[None, :]
-
-    @triton.jit
-    def _masked_softmax(s, keep, qk_scale, AXIS: tl.constexpr):
-        """Softmax of the unscaled scores ``s`` along their last axis ``AXIS`` (1 for a tile, 2 for a batch of
-        heads' tiles), over the pairs where ``keep`` (broadcast to ``s``) holds, in the log2 domain (``qk_scale``
-        includes log2 e); a row without any such pair comes out as zeros. The scale is applied inside the
-        exponent (one fused multiply-add per score: max(s) * scale = max(s * scale))."""
-        s = tl.where(keep, s, float("-inf"))
-        m = tl.max(s, axis=AXIS)
-        m = tl.where(m == float("-inf"), 0.0, m * qk_scale)  # a row without pairs: all exp2(-inf) = 0
-        p = tl.exp2(s * qk_scale - tl.expand_dims(m, AXIS))
-        l = tl.sum(p, axis=AXIS)
-        return p * tl.expand_dims(1.0 / tl.where(l > 0, l, 1.0), AXIS)
 
     @triton.jit
     def _tile_softmax(q, k, own, dom_r, qk_scale, PREC: tl.constexpr):
@@ -826,10 +817,17 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
                   4: plan.big_warps or warps}  # role 0: merged or single-level; 2, the small windows: num_warps
+    roles = _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)
+    if plan.size_classes:  # dom_classes takes the tiles' DOMs up to size_classes; the big windows keep the rest
+        roles = _class_roles(roles, plan, n, n_heads, snhl)
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
                                                 role_warps.get(role, warps), spec,
                                                 plan.flash_stages if role == 3 else stages)
-              for role, grid in _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)]
+              for role, grid in roles]
+    if plan.size_classes:
+        buffers = class_buffers(dom_counts.shape[0], plan.size_classes, q.device)  # (allocated on this stream)
+        launch.insert(0, lambda: class_attend(q, k, v, out, cu_seqlens, dom_counts, scale * LOG2E, plan.size_classes,
+                                              buffers, plan.precision, plan.class_warps))
     if len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles
         run_concurrently(q.device, lambda: (launch[0](), launch[1]()), launch[2])
     elif len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones

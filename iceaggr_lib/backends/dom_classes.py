@@ -1,0 +1,194 @@
+"""dom_fused's small DOMs by size class: DOMs of one size class packed into tiles, attention + mean pool.
+
+Why: ``dom_fused``'s row-window tiles pack the small DOMs that start in a window into one masked T x T or
+2T x 2T tile. On IceCube-like batches (4,096 sample events: 181k one-pulse DOMs, 41k of 2-16 pulses,
+1.7k of 17-32) most of such a tile's scores are masked out (one-pulse rows, pairs of different DOMs),
+and with 16-dim heads a tile's cost is its softmax over all of them, not its dots. Sorting the DOMs by
+size first lets a tile hold only DOMs of one size class, each padded to the class's size:
+
+* ``_classify_kernel`` (one launch, ``CLASSIFY_BLOCK`` DOMs per program) copies each one-pulse DOM's v row
+  to its output (its softmax is 1) and appends every DOM of 2 <= n <= TOP pulses to the list of its class
+  c, ``2^(c-1) < n <= 2^c``, reserving slots by one atomic add per class and program on ``COUNTER[c]``
+  (zeroed by the caller). The order inside a list is whatever the atomics make it; it does not matter,
+  since a DOM's result depends only on its own rows.
+* ``_class_attend_kernel`` (one launch, ``PROGRAMS_PER_SM`` programs per SM taking work items from a
+  ticket counter) makes each item one tile of T = max(16, 2^c) rows: the T / 2^c DOMs of list slots
+  i0 .. of class c, DOM b in rows b * 2^c .. (padding rows masked). Every head at once: scores as a batch
+  of T x T dots, a softmax inside each DOM (block-diagonal mask), and the pooling as one more dot,
+  ``pooled[b] = sum_j [DOM(j) = b] w_j v_j`` with ``w_j = (1/n) sum_i P_ij``, the same arithmetic as
+  ``dom_fused``'s tiles (``tile_math``). A class-2 tile is 8 DOMs of 2 pulses: 32 of its 256 scores per
+  head are real pairs, where a row-window tile of the same DOMs also spans their one-pulse neighbours.
+
+The layout read is the packed one of ``DomBatch`` (the rows of DOM d are ``cu_seqlens[d] ..
+cu_seqlens[d+1]``); q, k, v are (N, H, Dh) with any row and head strides, the output (D, H, Dh). DOMs
+of more than TOP pulses (and zero-pulse DOM slots) are left to the caller's other launches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from iceaggr_lib.backends.triton_launch import FastLaunch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+CLASSIFY_BLOCK = 64  # DOMs per classify program (it copies the one-pulse DOMs' v rows too)
+PROGRAMS_PER_SM = 8  # the attend launch's programs (each loops over work items)
+
+
+def n_classes(top: int) -> int:
+    """Classes of DOM sizes 1 .. top (a power of two): 1, 2, (3-4), (5-8), ... (top/2+1 .. top)."""
+    if top < 1 or top & (top - 1):
+        raise ValueError(f"dom_fused: the size classes' top must be a power of two, got {top}")
+    return top.bit_length()
+
+
+if HAVE_TRITON:
+    from iceaggr_lib.backends.tile_math import _masked_softmax, _mm, _same_dom
+
+    @triton.jit
+    def _head_offsets(s_h, NH: tl.constexpr, DH: tl.constexpr):
+        """(NH, DH) offsets of one row's heads."""
+        return tl.arange(0, NH)[:, None] * s_h + tl.arange(0, DH)[None, :]
+
+    @triton.jit
+    def _classify_kernel(V, OUT, CU, CNT, D, LIST, COUNTER, sv_n, sv_h, so_d, so_h,
+                         NC: tl.constexpr, CB: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr):
+        """DOMs pid*CB .. +CB: a one-pulse DOM's output is its v row (softmax 1), copied here; each DOM of
+        2 <= n <= 2^(NC-1) pulses is appended to its class's list (``LIST[c * D + slot]``, slots reserved by an
+        atomic add on ``COUNTER[c]``)."""
+        d = tl.program_id(0) * CB + tl.arange(0, CB)
+        n = tl.load(CNT + d, mask=d < D, other=0).to(tl.int32)
+        one = n == 1
+        s0 = tl.load(CU + d, mask=one, other=0).to(tl.int64)
+        v = tl.load(V + s0[:, None, None] * sv_n + _head_offsets(sv_h, NH, DH)[None, :, :], mask=one[:, None, None])
+        tl.store(OUT + d.to(tl.int64)[:, None, None] * so_d + _head_offsets(so_h, NH, DH)[None, :, :],
+                 v.to(OUT.dtype.element_ty), mask=one[:, None, None])
+        for c in tl.static_range(1, NC):
+            mine = ((n > ((1 << c) >> 1)) & (n <= (1 << c))).to(tl.int32)
+            total = tl.sum(mine, axis=0)
+            if total > 0:
+                base = tl.atomic_add(COUNTER + c, total)
+                slot = base + tl.cumsum(mine, axis=0) - 1
+                tl.store(LIST + c * D + slot, d, mask=mine > 0)
+
+    @triton.jit
+    def _class_tile(Q, K, V, OUT, CU, CNT, LIST, count, i0, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
+                    qk_scale, P: tl.constexpr, T: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
+                    PREC: tl.constexpr):
+        """One work item: the T // P DOMs ``LIST[i0 ..]`` (those below ``count``) of a class padded to P rows
+        each, stacked into one T-row tile (row r is row r % P of the item's DOM r // P), every head at once:
+        scores as a batch of (T x T) dots, softmax inside each DOM (block-diagonal mask), and the pooling as
+        one more dot, ``pooled[o] = sum_j [DOM(j) = o] w_j v_j`` with ``w_j = (1/n) sum_i P_ij``."""
+        B: tl.constexpr = T // P
+        r = tl.arange(0, T)
+        slot = i0 + r // P
+        listed = slot < count
+        dom_r = tl.load(LIST + slot, mask=listed, other=0)
+        cnt_r = tl.load(CNT + dom_r, mask=listed, other=0).to(tl.int32)
+        rows64 = tl.load(CU + dom_r, mask=listed, other=0).to(tl.int64) + r % P
+        own = listed & (r % P < cnt_r)
+        hcol = tl.arange(0, NH).to(tl.int64)
+        dcol = tl.arange(0, DH)
+        offs = hcol[:, None, None] * sq_h + rows64[None, :, None] * sq_n + dcol[None, None, :]
+        q = tl.load(Q + offs, mask=own[None, :, None], other=0.0)  # (NH, T, DH)
+        k = tl.load(K + hcol[:, None, None] * sk_h + rows64[None, :, None] * sk_n + dcol[None, None, :],
+                    mask=own[None, :, None], other=0.0)
+        v = tl.load(V + hcol[:, None, None] * sv_h + rows64[None, :, None] * sv_n + dcol[None, None, :],
+                    mask=own[None, :, None], other=0.0)
+        p = _masked_softmax(_mm(q, tl.permute(k, (0, 2, 1)), PREC), _same_dom(own, dom_r, T)[None, :, :], qk_scale, 2)
+        w = tl.sum(p, axis=1) * (1.0 / tl.where(own, cnt_r, 1).to(tl.float32))[None, :]  # (NH, T) per key row
+        o = tl.arange(0, T)  # output slot o: the item's DOM o (o < B)
+        sel = ((r[None, :] // P) == o[:, None]) & own[None, :]
+        pooled = _mm(tl.where(sel[None, :, :], w[:, None, :], 0.0).to(v.dtype), v, PREC)  # (NH, T, DH)
+        out_ok = (o < B) & (i0 + o < count)
+        out_d = tl.load(LIST + i0 + o, mask=out_ok, other=0).to(tl.int64)
+        tl.store(OUT + hcol[:, None, None] * so_h + out_d[None, :, None] * so_d + dcol[None, None, :],
+                 pooled.to(OUT.dtype.element_ty), mask=out_ok[None, :, None])
+
+    @triton.jit
+    def _class_slot(Q, K, V, OUT, CU, CNT, LIST, COUNTER, D, item, start, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d,
+                    so_h, qk_scale, C: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+        """Class C's items are numbers start .. start + its item count: do ``item`` if it is one of them; returns
+        where the next class's items start. Tiles of max(16, 2^C) rows (16: Triton's smallest dot)."""
+        T: tl.constexpr = max(16, 1 << C)
+        count = tl.load(COUNTER + C)
+        items = tl.cdiv(count, T >> C)
+        if (item >= start) & (item < start + items):
+            _class_tile(Q, K, V, OUT, CU, CNT, LIST + C * D, count, (item - start) * (T >> C),
+                        sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, 1 << C, T, NH, DH, PREC)
+        return start + items
+
+    @triton.jit
+    def _class_attend_kernel(Q, K, V, OUT, CU, CNT, LIST, COUNTER, D,
+                             sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                             NC: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
+        """Work items of classes 1 .. NC-1, the largest DOMs first (the longest items start early). Each program
+        takes its next item from a ticket counter (``COUNTER[0]``, zeroed by the caller) until none is left: a
+        program that starts late (the SMs busy with a launch on another stream) just takes fewer, where a fixed
+        share per program would leave the whole launch waiting for it."""
+        total = 0
+        for c in tl.static_range(1, NC):
+            total += tl.cdiv(tl.load(COUNTER + c), max(16, 1 << c) >> c)
+        item = tl.atomic_add(COUNTER, 1)
+        while item < total:
+            following = tl.atomic_add(COUNTER, 1)  # asked for before the work, so its round trip overlaps it
+            start = 0
+            for cc in tl.static_range(NC - 1):
+                start = _class_slot(Q, K, V, OUT, CU, CNT, LIST, COUNTER, D, item, start, sq_n, sq_h, sk_n, sk_h,
+                                    sv_n, sv_h, so_d, so_h, qk_scale, NC - 1 - cc, NH, DH, PREC)
+            item = following
+
+    _CLASSIFY, _ATTEND = FastLaunch(_classify_kernel, "dom_fused"), FastLaunch(_class_attend_kernel, "dom_fused")
+
+
+_SM_COUNT: dict = {}
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of the attend launch: PROGRAMS_PER_SM per SM (CPU / interpreter: a handful)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx] * PROGRAMS_PER_SM
+
+
+def class_buffers(n_doms: int, top: int, device) -> tuple:
+    """(LIST, COUNTER) for one call: ``n_classes(top)`` lists of up to n_doms DOM ids, and their counters (zeroed)."""
+    nc = n_classes(top)
+    return (torch.empty(nc * max(n_doms, 1), dtype=torch.int32, device=device),
+            torch.zeros(nc, dtype=torch.int32, device=device))
+
+
+def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple, precision: str,
+                 num_warps: int = 4) -> None:
+    """Write ``out[d]`` (attention inside DOM d + mean pool) for every DOM of 1 <= n_d <= top pulses: two launches.
+    ``qk_scale``: softmax scale times log2(e). ``buffers``: ``class_buffers(D, top, device)``, made before (so
+    that a caller running this on a side stream allocates on its own). ``precision``: of fp32 dots, as
+    ``dom_fused``'s."""
+    n_doms = dom_counts.shape[0]
+    if n_doms == 0:
+        return
+    nc = n_classes(top)
+    lists, counter = buffers
+    n, n_heads, dh = q.shape
+    _CLASSIFY((-(-n_doms // CLASSIFY_BLOCK),), (v, out, cu_seqlens, dom_counts, n_doms, lists, counter, v.stride(0),
+                                                v.stride(1), out.stride(0), out.stride(1)),
+              dict(NC=nc, CB=CLASSIFY_BLOCK, NH=n_heads, DH=dh), 4)
+    if nc == 1:
+        return
+    # items <= sum over classes c >= 1 of (count_c * P_c / T_c + 1) < N / 8 + NC (a DOM of class c has more than
+    # P_c / 2 pulses, and T_c >= 16)
+    grid = min(_programs(q.device), -(-n // 8) + nc)
+    args = (q, k, v, out, cu_seqlens, dom_counts, lists, counter, n_doms, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
+    _ATTEND((grid,), args, dict(NC=nc, NH=n_heads, DH=dh, PREC=precision), num_warps)

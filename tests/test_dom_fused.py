@@ -135,10 +135,18 @@ def test_size_classes(top, n_heads, extra, dtype):
 
 
 def test_size_classes_plan():
-    """size_classes takes one of the two tile levels, with power-of-two heads; the backward ignores it."""
+    """size_classes takes one of the two tile levels, with power-of-two heads; the backward ignores it; "auto" is
+    on exactly where split_flash is (several heads, from 400k pulses), with the measured warps per dtype."""
     plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=32)
     assert plan.size_classes == 32 and dom_fused._class_roles([], plan, 64, 8, 8) == [(3, (2 * 8,))]
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
+    for dtype in (torch.float32, torch.bfloat16):  # "auto": every tile DOM where the flash loops launch apart
+        assert dom_fused._resolve(dtype, 16, 8, 500_000).size_classes == 32
+        assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
+        assert dom_fused._resolve(dtype, 128, 1, 500_000).size_classes == 0
+        assert dom_fused._resolve(dtype, 16, 8, 500_000, backward=True).size_classes == 0
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).class_warps == 2
+    assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3)):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)

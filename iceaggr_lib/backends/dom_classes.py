@@ -163,7 +163,9 @@ def _programs(device: torch.device) -> int:
 
 
 def class_buffers(n_doms: int, top: int, device) -> tuple:
-    """(LIST, COUNTER) for one call: ``n_classes(top)`` lists of up to n_doms DOM ids, and their counters (zeroed)."""
+    """(LIST, COUNTER) for one call: ``n_classes(top)`` lists of up to n_doms DOM ids and their counters, zeroed.
+    Class 0 (one pulse) is copied, never listed: its list goes unused and ``COUNTER[0]`` is the attend launch's
+    ticket counter."""
     nc = n_classes(top)
     return (torch.empty(nc * max(n_doms, 1), dtype=torch.int32, device=device),
             torch.zeros(nc, dtype=torch.int32, device=device))

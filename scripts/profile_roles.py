@@ -7,7 +7,7 @@ For each point (events:dtype:heads, head_dim = 128 / heads, the sample generator
 config (the default first), five forward calls under ``torch.no_grad`` on one stream (``concurrent=False``,
 so launches do not overlap and each one's time is its own): the median GPU time of each launch, from the
 profiler's kernel records (warm L2, one input set). The role of a launch is named from the plan
-(``dom_fused._launches``): small (tiles of DOMs <= T_small), big (tiles of T_small < n <= T_big and the
+(``dom_fused.forward_roles``): small (tiles of DOMs <= T_small), big (tiles of T_small < n <= T_big and the
 large DOMs' flash loops), merged (both), big_tiles / flash (``split_flash``); with ``size_classes`` first
 dom_classes' classify and classes launches.
 
@@ -57,11 +57,8 @@ def main():
             except ValueError as e:  # a config that does not apply at this point
                 print(f"{label}: not run: {e}", flush=True)
                 continue
-            snhl = h if plan.head_loop else 1
-            launches = dom_fused._launches(b.n_pulses, plan.t_small, plan.t_big, h, plan.merged, snhl, plan.split_flash)
-            if plan.size_classes:  # dom_classes' two launches, then what the big windows keep
-                launches = dom_fused._class_roles(launches, plan, b.n_pulses, h, snhl)
-            roles = ["classify", "classes"] * bool(plan.size_classes) + [ROLE_NAMES[r] for r, _ in launches]
+            roles = (["classify", "classes"] * bool(plan.size_classes)  # dom_classes' two launches come first
+                     + [ROLE_NAMES[r] for r, _ in dom_fused.forward_roles(plan, b.n_pulses, h)])
 
             def call():
                 return dom_fused.dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts,
@@ -80,7 +77,7 @@ def main():
                     torch.cuda.cudart().cudaProfilerStop()
                     print(f"{label}: profiled launches {roles}", flush=True)
                     continue
-                _, times = per_launch_us(call, 5, ("_fwd_kernel", "_classify_kernel", "_class_attend_kernel"))
+                _, times = per_launch_us(call, 5, ("_fwd_kernel", "_class"))
             med = np.median(times, axis=0)
             print(f"{label}: " + ", ".join(f"{r} {t:.1f}" for r, t in zip(roles, med))
                   + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)

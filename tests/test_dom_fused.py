@@ -139,6 +139,7 @@ def test_size_classes_plan():
     on exactly where split_flash is (several heads, from 400k pulses), with the measured warps per dtype."""
     plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=32)
     assert plan.size_classes == 32 and dom_fused._class_roles([], plan, 64, 8, 8) == [(3, (2 * 8,))]
+    assert dom_fused.forward_roles(plan, 500_000, 8) == [(3, (-(-500_000 // 32) * 8,))]  # the flash loops alone
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
     for dtype in (torch.float32, torch.bfloat16):  # "auto": every tile DOM where the flash loops launch apart
         assert dom_fused._resolve(dtype, 16, 8, 500_000).size_classes == 32

@@ -285,6 +285,17 @@ def _class_roles(roles, plan, n, n_heads, snhl):
     return [(1, (n_big * n_heads,))]
 
 
+def forward_roles(plan, n, n_heads):
+    """[(role, grid)] of a forward's ``_fwd_kernel`` launches on ``n`` pulses under ``plan`` (``_resolve``), in
+    launch order; with ``plan.size_classes`` dom_classes' two launches come first, besides these.
+    ``scripts/profile_roles.py`` names the launches it times from this."""
+    snhl = n_heads if plan.head_loop else 1
+    roles = _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)
+    if plan.size_classes:  # dom_classes takes the tiles' DOMs up to size_classes; the big windows keep the rest
+        roles = _class_roles(roles, plan, n, n_heads, snhl)
+    return roles
+
+
 def window_spans(dom_counts, lo: int, t: int) -> dict:
     """How the windows of one tile level see a batch (numpy, host only; ``scripts/window_spans.py`` prints it):
     windows of ``t`` rows, each owning the DOMs of lo < n <= t pulses whose first row it holds. Returns the
@@ -817,13 +828,10 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
                   4: plan.big_warps or warps}  # role 0: merged or single-level; 2, the small windows: num_warps
-    roles = _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)
-    if plan.size_classes:  # dom_classes takes the tiles' DOMs up to size_classes; the big windows keep the rest
-        roles = _class_roles(roles, plan, n, n_heads, snhl)
     launch = [lambda role=role, grid=grid: _FWD(grid, args, dict(constexprs, ROLE=role, **(flash if role == 3 else {})),
                                                 role_warps.get(role, warps), spec,
                                                 plan.flash_stages if role == 3 else stages)
-              for role, grid in roles]
+              for role, grid in forward_roles(plan, n, n_heads)]
     if plan.size_classes:
         buffers = class_buffers(dom_counts.shape[0], plan.size_classes, q.device)  # (allocated on this stream)
         launch.insert(0, lambda: class_attend(q, k, v, out, cu_seqlens, dom_counts, scale * LOG2E, plan.size_classes,

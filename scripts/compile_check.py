@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                 f"{' head_batch' if head_batch else ''}{' merged' if merged else ''}")
         plans.append((name, dtype, heads, dh, dict(head_loop=head_loop, merged=merged, head_batch=head_batch)))
     for dtype, (heads, dh), level in itertools.product((torch.bfloat16, torch.float32), ((1, 128), (8, 16)), (0, 1)):
-        # dom_classes: the default's "auto" takes T_big with several heads at >= 400k pulses, not reached here
+        # dom_classes: the default's "auto" takes T_big with several heads at >= 400k pulses, not reached here;
+        # size_classes = T_big turns large_list on ("auto")
         levels = (16, 32) if heads > 1 or dtype == torch.float32 else (16, 64)
         top = levels[level]
         plans.append((f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} size_classes={top}", dtype, heads, dh,
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
                 print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
                 continue
             for fn_name, kw, kernel in compiled:
-                if fn_name.startswith("_class"):  # dom_classes (size_classes): classify + copy, the class tiles
+                if fn_name.startswith(("_class", "_list_large", "_large")):  # dom_classes (size_classes): classify +
+                    # copy, the class tiles; with large_list the large DOMs' list and flash launch
                     role, tiles = fn_name[1:].replace("_kernel", ""), f"classes={kw['NC']}"
                 elif "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
                     role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"

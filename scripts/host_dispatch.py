@@ -112,9 +112,12 @@ def dispatch_table():
                 flush=True)
 
 
-def per_launch_us(call, n_calls=5, prefixes=("_fwd_kernel", "_bwd_", "_class")):
+DOM_FUSED_KERNELS = ("_fwd_kernel", "_bwd_", "_class", "_list_large", "_large_attend")  # dom_classes' included
+
+
+def per_launch_us(call, n_calls=5, prefixes=DOM_FUSED_KERNELS):
     """(names, times): the GPU µs of each kernel launch of ``call()`` whose name starts with one of
-    ``prefixes`` (default: every dom_fused kernel, dom_classes' two included), as an (n_calls, launches per
+    ``prefixes`` (default: every dom_fused kernel, dom_classes' included), as an (n_calls, launches per
     call) array, from the profiler's CUDA kernel records (CUPTI durations, which no host delay inflates); warm
     L2, the same inputs each call. ``scripts/profile_roles.py`` uses it too."""
     from torch.profiler import ProfilerActivity, profile

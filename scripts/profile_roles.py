@@ -8,8 +8,8 @@ config (the default first), five forward calls under ``torch.no_grad`` on one st
 so launches do not overlap and each one's time is its own): the median GPU time of each launch, from the
 profiler's kernel records (warm L2, one input set). The role of a launch is named from the plan
 (``dom_fused.forward_roles``): small (tiles of DOMs <= T_small), big (tiles of T_small < n <= T_big and the
-large DOMs' flash loops), merged (both), big_tiles / flash (``split_flash``); with ``size_classes`` first
-dom_classes' classify and classes launches.
+large DOMs' flash loops), merged (both), big_tiles / flash (``split_flash``); dom_classes' launches by their
+kernels: classify and classes (``size_classes``), list_large and large_flash (``large_list``).
 
 ``--ncu``: no profiler; after two warm-up calls, one call between ``cudaProfilerStart`` / ``Stop`` per
 point and config, for ``ncu --profile-from-start off`` to profile (one kernel record per launch).
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 ROLE_NAMES = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}
+KERNEL_NAMES = {"_classify": "classify", "_class_attend": "classes", "_list_large": "list_large",
+                "_large_attend": "large_flash"}  # dom_classes' launches
 
 
 def main():
@@ -32,7 +34,8 @@ def main():
     ap.add_argument("--configs", type=json.loads, default=[])
     ap.add_argument("--ncu", action="store_true")
     args = ap.parse_args()
-    from host_dispatch import parse_points, per_launch_us  # scripts/ is on sys.path when this runs as a script
+    # scripts/ is on sys.path when this runs as a script
+    from host_dispatch import DOM_FUSED_KERNELS, parse_points, per_launch_us
 
     from iceaggr_lib.backends import dom_fused
     from iceaggr_lib.data.sample import generate_table
@@ -57,8 +60,7 @@ def main():
             except ValueError as e:  # a config that does not apply at this point
                 print(f"{label}: not run: {e}", flush=True)
                 continue
-            roles = (["classify", "classes"] * bool(plan.size_classes)  # dom_classes' two launches come first
-                     + [ROLE_NAMES[r] for r, _ in dom_fused.forward_roles(plan, b.n_pulses, h)])
+            fwd_roles = [ROLE_NAMES[r] for r, _ in dom_fused.forward_roles(plan, b.n_pulses, h)]
 
             def call():
                 return dom_fused.dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts,
@@ -75,9 +77,12 @@ def main():
                     call()
                     torch.cuda.synchronize()
                     torch.cuda.cudart().cudaProfilerStop()
-                    print(f"{label}: profiled launches {roles}", flush=True)
+                    print(f"{label}: profiled launches: dom_classes' (if any), then {fwd_roles}", flush=True)
                     continue
-                _, times = per_launch_us(call, 5, ("_fwd_kernel", "_class"))
+                names, times = per_launch_us(call, 5, DOM_FUSED_KERNELS)
+            left = iter(fwd_roles)  # _fwd_kernel launches by plan role, dom_classes' by kernel name
+            roles = [next(left) if name.startswith("_fwd_kernel") else KERNEL_NAMES.get(name.split("_kernel")[0], name)
+                     for name in names]
             med = np.median(times, axis=0)
             print(f"{label}: " + ", ".join(f"{r} {t:.1f}" for r, t in zip(roles, med))
                   + f"  (µs, median of 5; sum {np.median(times.sum(axis=1)):.1f})", flush=True)

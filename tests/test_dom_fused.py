@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from iceaggr_lib.backends import UnsupportedError, dom_attention, get_backend
-from iceaggr_lib.backends import dom_fused
+from iceaggr_lib.backends import dom_classes, dom_fused
 from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -119,7 +119,7 @@ def test_split_flash_fp32(sizes, n_heads, extra):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
-@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True)),
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True, large_list=False)),
                                             (2, dict(merged=True, class_num_warps=2))],
                          ids=["h1", "h4_split", "h2_merged"])
 @pytest.mark.parametrize("top", [8, 16])
@@ -134,21 +134,55 @@ def test_size_classes(top, n_heads, extra, dtype):
                             size_classes=top, **extra)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
+@pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True)),
+                                            (2, dict(flash_full_blocks=False)), (2, dict(size_classes=8)),
+                                            pytest.param(2, dict(concurrent=True), marks=needs_cuda)],
+                         ids=["h1", "h4_split", "h2_masked_blocks", "h2_top8", "h2_two_streams"])
+@pytest.mark.parametrize("large_classes", [8, 2])
+@pytest.mark.parametrize("sizes", [[1] * 10 + [2, 5, 9, 16, 17, 32, 33, 48, 49, 64, 65, 100, 3, 1, 20],
+                                   [17] * 28 + [33, 65, 1, 2]], ids=["mixed", "full_lists"])
+def test_large_list(sizes, large_classes, n_heads, extra, dtype, monkeypatch):
+    """``large_list``: the DOMs above ``size_classes`` (the top tile level 16; "h2_top8": 8, below the big tile
+    level) listed by size class (17-32, 33-64, 65-128; with two large classes the second open-ended, 33-100 in one
+    list) and flash-looped one (DOM, head) per work item, the largest class first. Sizes at multiples of the
+    16-row block (32, 48, 64: no partial key block) and one past them; forward and gradients against the
+    reference (fp32: the training forward saves the flash loops' rows for the backward). "full_lists": the 17-32
+    list filled to 28 of its 36 slots (``dom_classes.large_capacity``), so that a list overrunning into the next
+    one fails."""
+    monkeypatch.setattr(dom_classes, "LARGE_CLASSES", large_classes)
+    config = dict(levels=(8, 16), bwd_levels=(8, 16), block=16, size_classes=16, large_list=True)
+    check_against_reference(sizes, n_heads, 16, dtype, seed=5, **dict(config, **extra))
+
+
 def test_size_classes_plan():
     """size_classes takes one of the two tile levels, with power-of-two heads; the backward ignores it; "auto" is
-    on exactly where split_flash is (several heads, from 400k pulses), with the measured warps per dtype."""
+    on exactly where split_flash is (several heads, from 400k pulses), at T_small and with large_list, with the
+    measured warps and flash registers per dtype; large_list leaves no _fwd_kernel launch."""
     plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=32)
     assert plan.size_classes == 32 and dom_fused._class_roles([], plan, 64, 8, 8) == [(3, (2 * 8,))]
+    assert plan.large_list is True and dom_fused.forward_roles(plan, 500_000, 8) == []  # all in dom_classes
+    plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=32, large_list=False)
     assert dom_fused.forward_roles(plan, 500_000, 8) == [(3, (-(-500_000 // 32) * 8,))]  # the flash loops alone
+    plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, size_classes=16, large_list=False)
+    assert [r for r, _ in dom_fused.forward_roles(plan, 500_000, 8)] == [4, 3]  # big windows' tiles, flash loops
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 100_000, size_classes=16).large_list is False  # merged: off
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
-    for dtype in (torch.float32, torch.bfloat16):  # "auto": every tile DOM where the flash loops launch apart
-        assert dom_fused._resolve(dtype, 16, 8, 500_000).size_classes == 32
+    for dtype, regs in ((torch.float32, 128), (torch.bfloat16, 96)):  # "auto": where the flash loops launch apart
+        plan = dom_fused._resolve(dtype, 16, 8, 500_000)
+        assert (plan.size_classes, plan.large_list, plan.flash_regs) == (16, True, regs)
+        assert dom_fused.forward_roles(plan, 500_000, 8) == []
         assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
+        assert dom_fused._resolve(dtype, 16, 8, 100_000).large_list is False
         assert dom_fused._resolve(dtype, 128, 1, 500_000).size_classes == 0
+        assert dom_fused._resolve(dtype, 128, 1, 500_000).flash_regs is None
         assert dom_fused._resolve(dtype, 16, 8, 500_000, backward=True).size_classes == 0
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).class_warps == 2
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
-    for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3)):
+    for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
+                dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
+                dict(flash_max_registers=300)):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
     with pytest.raises(ValueError, match="power of two"):
@@ -157,16 +191,19 @@ def test_size_classes_plan():
 
 @needs_kernel
 @pytest.mark.parametrize("n_heads", [1, 2])
-def test_training_forward_saves_the_large_doms_rows(n_heads):
+@pytest.mark.parametrize("extra,t_saved,n_saved", [({}, 16, 4), (dict(size_classes=8, large_list=True), 8, 5)],
+                         ids=["tiles", "large_list"])
+def test_training_forward_saves_the_large_doms_rows(n_heads, extra, t_saved, n_saved):
     """A training step's forward leaves O and the log2-sum-exp of every row of the DOMs above its top tile
-    level (what the backward's pass 1 reads instead of recomputing), checked row by row against float64."""
+    level (what the backward's pass 1 reads instead of recomputing), checked row by row against float64; with
+    ``large_list`` above ``size_classes`` (8 here: the DOM of 16 pulses too)."""
     sizes = [3, 1, 20, 1, 40, 2, 17, 1, 33, 16]
     batch = batch_from_dom_sizes(sizes, seed=4).to(DEVICE)
     q, k, v = random_qkv(batch.n_pulses, n_heads, 16, dtype=torch.float32, device=DEVICE, seed=4)
     scale = 0.25
     _, saved, t_fwd = dom_fused._forward(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
-                                         scale, True, True, dict(levels=(8, 16), block=16))
-    assert t_fwd == 16 and saved.shape == (batch.n_pulses, n_heads, 16 + 2) and saved.dtype == torch.float32
+                                         scale, True, True, dict(levels=(8, 16), block=16, **extra))
+    assert t_fwd == t_saved and saved.shape == (batch.n_pulses, n_heads, 16 + 2) and saved.dtype == torch.float32
     cu = batch.cu_seqlens.tolist()
     checked = 0
     for d, n in enumerate(sizes):
@@ -178,7 +215,7 @@ def test_training_forward_saves_the_large_doms_rows(n_heads):
             assert rel_err(saved[r, :, :16], o) <= 1e-5, f"O of DOM {d} (n = {n})"
             assert rel_err(saved[r, :, 16], lse2) <= 1e-5, f"log-sum-exp of DOM {d} (n = {n})"
             checked += 1
-    assert checked == 4
+    assert checked == n_saved
 
 
 @needs_kernel
@@ -353,6 +390,8 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=7, head_loop=True,
                                 head_batch=not dom_fused._resolve(dtype, head_dim, n_heads, len(sizes)).head_batch)
+        for save in (True, False):  # the plan of >= 400k pulses (size classes, listed large DOMs) on this batch
+            check_against_reference(sizes, n_heads, head_dim, dtype, seed=10, merge_below_pulses=0, save_forward=save)
 
 
 @needs_cuda

@@ -40,7 +40,10 @@ except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
     HAVE_TRITON = False
 
 CLASSIFY_BLOCK = 64  # DOMs per classify program (it copies the one-pulse DOMs' v rows too)
-PROGRAMS_PER_SM = 8  # the attend launch's programs (each loops over work items)
+PROGRAMS_PER_SM = 8  # the class launch's programs (each loops over work items)
+LARGE_PROGRAMS_PER_SM = 8  # the large-DOM launch's
+LARGE_CLASSES = 8  # size classes of the DOMs above the top: 2^(c-1) < n <= 2^c, the last one open-ended
+LIST_BLOCK = 1024  # DOMs per program of the large-DOM list launch (it only reads dom_pulse_counts)
 
 
 def n_classes(top: int) -> int:
@@ -50,8 +53,15 @@ def n_classes(top: int) -> int:
     return top.bit_length()
 
 
+def large_capacity(n_pulses: int, top: int) -> int:
+    """Slots of the large-DOM list: class c (DOMs of more than 2^(c-1) pulses) holds at most
+    ``(n_pulses >> (c-1)) + 1`` of them (``_large_offset``)."""
+    nc = n_classes(top)
+    return sum((n_pulses >> (c - 1)) + 1 for c in range(nc, nc + LARGE_CLASSES))
+
+
 if HAVE_TRITON:
-    from iceaggr_lib.backends.tile_math import _masked_softmax, _mm, _same_dom
+    from iceaggr_lib.backends.tile_math import _flash_dom, _masked_softmax, _mm, _same_dom
 
     @triton.jit
     def _head_offsets(s_h, NH: tl.constexpr, DH: tl.constexpr):
@@ -146,29 +156,86 @@ if HAVE_TRITON:
                                     sv_n, sv_h, so_d, so_h, qk_scale, NC - 1 - cc, NH, DH, PREC)
             item = following
 
+    @triton.jit
+    def _large_offset(N, C: tl.constexpr, NC: tl.constexpr):
+        """Where large class C's list starts: after classes NC .. C-1, each of ``(N >> (c-1)) + 1`` slots (a DOM of
+        class c has more than 2^(c-1) of the N pulses)."""
+        off = 0
+        for c in tl.static_range(NC, C):
+            off += (N >> (c - 1)) + 1
+        return off
+
+    @triton.jit
+    def _list_large_kernel(CNT, D, N, LARGE, COUNTER, NC: tl.constexpr, NL: tl.constexpr, CB: tl.constexpr):
+        """DOMs pid*CB .. +CB: each DOM of more than 2^(NC-1) pulses is appended to the list of its large class c
+        (``2^(c-1) < n <= 2^c``, the last class NC+NL-1 open-ended), slots reserved by an atomic add on
+        ``COUNTER[c]``."""
+        d = tl.program_id(0) * CB + tl.arange(0, CB)
+        n = tl.load(CNT + d, mask=d < D, other=0).to(tl.int32)
+        for c in tl.static_range(NC, NC + NL):
+            mine = ((n > ((1 << c) >> 1)) & ((n <= (1 << c)) | (c == NC + NL - 1))).to(tl.int32)
+            total = tl.sum(mine, axis=0)
+            if total > 0:
+                base = tl.atomic_add(COUNTER + c, total)
+                slot = base + tl.cumsum(mine, axis=0) - 1
+                tl.store(LARGE + _large_offset(N, c, NC) + slot, d, mask=mine > 0)
+
+    @triton.jit
+    def _large_attend_kernel(Q, K, V, OUT, SV, CU, CNT, LARGE, COUNTER, N,
+                             sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+                             NC: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
+                             BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr):
+        """Work items (large DOM, head), the largest class first, so that the longest flash loops start first
+        and the short ones fill in behind them; each a flash loop (``_flash_dom``). Programs take items from a
+        ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``."""
+        TICKET: tl.constexpr = NC + NL
+        total = 0
+        for c in tl.static_range(NC, NC + NL):
+            total += tl.load(COUNTER + c)
+        total = total * NH
+        item = tl.atomic_add(COUNTER + TICKET, 1)
+        while item < total:
+            following = tl.atomic_add(COUNTER + TICKET, 1)  # asked for before the work, as in the class launch
+            start = 0
+            d = tl.full([], 0, tl.int32)
+            for cc in tl.static_range(NL):
+                items = tl.load(COUNTER + NC + NL - 1 - cc) * NH
+                if (item >= start) & (item < start + items):
+                    d = tl.load(LARGE + _large_offset(N, NC + NL - 1 - cc, NC) + (item - start) // NH)
+                start += items
+            n_d = tl.load(CNT + d).to(tl.int32)
+            # every class's items start at a multiple of NH, so the head is item % NH
+            _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
+                       qk_scale, NH, DH, BL, PREC, SAVE, FULL)
+            item = following
+
     _CLASSIFY, _ATTEND = FastLaunch(_classify_kernel, "dom_fused"), FastLaunch(_class_attend_kernel, "dom_fused")
+    _LIST_LARGE, _LARGE = FastLaunch(_list_large_kernel, "dom_fused"), FastLaunch(_large_attend_kernel, "dom_fused")
 
 
 _SM_COUNT: dict = {}
 
 
-def _programs(device: torch.device) -> int:
-    """Programs of the attend launch: PROGRAMS_PER_SM per SM (CPU / interpreter: a handful)."""
+def _programs(device: torch.device, per_sm: int) -> int:
+    """Programs of a persistent launch: ``per_sm`` per SM (CPU / interpreter: a handful)."""
     if device.type != "cuda":
         return 4
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx] * PROGRAMS_PER_SM
+    return _SM_COUNT[idx] * per_sm
 
 
-def class_buffers(n_doms: int, top: int, device) -> tuple:
-    """(LIST, COUNTER) for one call: ``n_classes(top)`` lists of up to n_doms DOM ids and their counters, zeroed.
-    Class 0 (one pulse) is copied, never listed: its list goes unused and ``COUNTER[0]`` is the attend launch's
-    ticket counter."""
+def class_buffers(n_doms: int, top: int, device, n_pulses: int = 0) -> tuple:
+    """(LIST, COUNTER, LARGE) for one call: ``n_classes(top)`` lists of up to n_doms DOM ids, and with ``n_pulses``
+    the lists of the large classes (``large_capacity``; else LARGE is None); COUNTER zeroed. Class 0 (one pulse)
+    is copied, never listed: its list goes unused and ``COUNTER[0]`` is the class launch's ticket counter;
+    ``COUNTER[NC .. NC + LARGE_CLASSES)`` count the large classes and the entry after them is the large-DOM
+    launch's ticket counter."""
     nc = n_classes(top)
+    large = (torch.empty(large_capacity(n_pulses, top), dtype=torch.int32, device=device) if n_pulses else None)
     return (torch.empty(nc * max(n_doms, 1), dtype=torch.int32, device=device),
-            torch.zeros(nc, dtype=torch.int32, device=device))
+            torch.zeros(nc + LARGE_CLASSES + 1, dtype=torch.int32, device=device), large)
 
 
 def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple, precision: str,
@@ -181,7 +248,7 @@ def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int
     if n_doms == 0:
         return
     nc = n_classes(top)
-    lists, counter = buffers
+    lists, counter, _ = buffers
     n, n_heads, dh = q.shape
     _CLASSIFY((-(-n_doms // CLASSIFY_BLOCK),), (v, out, cu_seqlens, dom_counts, n_doms, lists, counter, v.stride(0),
                                                 v.stride(1), out.stride(0), out.stride(1)),
@@ -190,7 +257,39 @@ def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int
         return
     # items <= sum over classes c >= 1 of (count_c * P_c / T_c + 1) < N / 8 + NC (a DOM of class c has more than
     # P_c / 2 pulses, and T_c >= 16)
-    grid = min(_programs(q.device), -(-n // 8) + nc)
+    grid = min(_programs(q.device, PROGRAMS_PER_SM), -(-n // 8) + nc)
     args = (q, k, v, out, cu_seqlens, dom_counts, lists, counter, n_doms, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
     _ATTEND((grid,), args, dict(NC=nc, NH=n_heads, DH=dh, PREC=precision), num_warps)
+
+
+def list_large(dom_counts, n_pulses: int, top: int, buffers: tuple) -> None:
+    """One launch: the DOMs of more than ``top`` pulses into the large classes' lists (``class_buffers(...,
+    n_pulses)``), for ``large_attend``."""
+    n_doms = dom_counts.shape[0]
+    _, counter, large = buffers
+    if n_doms == 0 or large is None:
+        return
+    _LIST_LARGE((-(-n_doms // LIST_BLOCK),), (dom_counts, n_doms, n_pulses, large, counter),
+                dict(NC=n_classes(top), NL=LARGE_CLASSES, CB=LIST_BLOCK), 4)
+
+
+def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple,
+                 precision: str, block: int, num_warps: int, num_stages=None, save: bool = False,
+                 full_blocks: bool = True, max_registers=None) -> None:
+    """Write ``out[d]`` for every DOM of more than ``top`` pulses, listed by ``list_large`` (issued before, on this
+    stream): one persistent launch of flash loops (``_large_attend_kernel``), ``block``-row blocks. ``save``:
+    the rows' O and log-sum-exp into ``saved`` ((N, H, Dh + 2) fp32, as dom_fused's flash loops leave them).
+    ``full_blocks``: key blocks wholly inside a DOM skip the end-of-DOM mask (``tile_math._flash_rows``).
+    ``max_registers``: None or ptxas' cap on registers per thread (the persistent loop lets ptxas keep more
+    live than the one-item flash program did, which costs programs per SM)."""
+    n_doms = dom_counts.shape[0]
+    _, counter, large = buffers
+    if n_doms == 0:
+        return
+    n, n_heads, dh = q.shape
+    grid = min(_programs(q.device, LARGE_PROGRAMS_PER_SM), (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads
+    args = (q, k, v, out, saved, cu_seqlens, dom_counts, large, counter, n, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
+    _LARGE((grid,), args, dict(NC=n_classes(top), NL=LARGE_CLASSES, NH=n_heads, DH=dh, BL=block, PREC=precision,
+                               SAVE=save, FULL=full_blocks), num_warps, False, num_stages, max_registers)

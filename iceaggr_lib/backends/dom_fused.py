@@ -47,9 +47,10 @@ flash-looped the DOM and kept them (``save_forward``, the fp32 default), else fr
 sweep over the DOM's keys in pass 1.
 
 With several heads and many pulses (``split_flash``) the big windows' tiles and their large DOMs' flash
-loops are two launches, so that each compiles to its own register budget. There (``size_classes``) the tiles
-of both levels give way to ``dom_classes``: the DOMs are first listed by size class (one-pulse DOMs copied
-on the way), then packed into tiles of one class each, so a tile's scores are nearly all real pairs.
+loops are two launches, so that each compiles to its own register budget. There (``size_classes``,
+``large_list``) ``dom_classes`` replaces the row windows: the DOMs are first listed by size class (one-pulse
+DOMs copied on the way); those up to T_small are packed into tiles of one class each, so a tile's scores are
+nearly all real pairs, and the larger ones are flash-looped one (DOM, head) per work item, the largest first.
 
 Precision: accumulation is fp32; bf16/fp16 feed the tensor cores directly. fp32 must not use plain
 tf32 (it would miss the 1e-5 tolerance): the fp32 default is ``"tf32x3_mask"`` (three tf32 passes with
@@ -68,7 +69,7 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
-from iceaggr_lib.backends.dom_classes import class_attend, class_buffers
+from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large
 from iceaggr_lib.backends.triton_launch import FastLaunch, run_concurrently
 
 try:  # Triton is on the GPU image; the CPU CI venv may not have it, and the registry must still import.
@@ -106,8 +107,14 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     from its first owned row instead of the 2T x 2T one (``_narrow_start``).
     ``size_classes`` (forward, two levels): 0 (off), T_small or T_big: the DOMs of n <= that many pulses are
     done by ``dom_classes`` (grouped by size, packed into tiles of one size class each) instead of the row-window
-    tiles; the large DOMs keep their flash loops. "auto" (the default) = T_big wherever ``split_flash`` is on
-    (several heads, from ``merge_below_pulses``), else 0. ``class_num_warps``: the warps of its attend launch.
+    tiles. "auto" (the default) = T_small wherever ``split_flash`` is on (several heads, from
+    ``merge_below_pulses``), else 0. ``class_num_warps``: the warps of its attend launch.
+    ``large_list`` (forward, with ``size_classes``): the DOMs above ``size_classes`` listed by size class too
+    (``dom_classes.list_large``) and done by one persistent flash launch that takes (DOM, head) items the
+    largest first, instead of the big windows' tiles and the flash launch of one program per (T_big-row window,
+    head), most of which find no large DOM; "auto" (the default) = wherever ``split_flash`` and ``size_classes``
+    are on. ``flash_full_blocks``: in that launch, key blocks wholly inside a DOM skip the end-of-DOM mask
+    (``tile_math._flash_rows``); ``flash_max_registers``: its register cap per thread (None: ptxas' choice).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -130,6 +137,12 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # ms, fp32 1.447 -> 1.088; class_num_warps (run 59): bf16 2 (4: +3 %), fp32 4 (2: +6 %). With one head (not on
     # by default) bf16 0.290 -> 0.280 and fp32 1.223 -> 1.100 (size_classes 16, 2 warps, run 59), but at 1,024
     # events bf16 1x128 0.073 -> 0.152 (host-bound: two more launches and two buffers per call).
+    # v15 (run 67, do_bench fwd at 4,096 events 8x16, one call): size_classes T_small with large_list, the listed
+    # flash launch capped at 96 (bf16) / 128 (fp32) registers: bf16 0.471 -> 0.431 ms, fp32 1.076 -> 0.983. The
+    # cap: ptxas gives the persistent loop 141 / 227 registers, which starves the class launch beside it (run 66:
+    # large_list at T_big uncapped 0.516 / 1.105). v14's classes of 17-32 pulses (206-register 32-row tiles of 8
+    # heads) go to the flash launch as one-block items: classes 159 -> 82 µs, flash 264 -> 322 (bf16, profiler).
+    flash_regs = (128 if dtype == torch.float32 else 96) if multi else None
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
@@ -137,7 +150,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
-                   narrow=True, size_classes="auto", class_num_warps=4)
+                   narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
+                   flash_full_blocks=True, flash_max_registers=flash_regs)
         return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -150,7 +164,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                precision="ieee", merged="auto",
                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
-               narrow=True, size_classes="auto", class_num_warps=2)
+               narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
+               flash_full_blocks=True, flash_max_registers=flash_regs)
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -173,6 +188,9 @@ class Plan(NamedTuple):
     narrow: bool = True  # tiles: T x T from the first owned row where the owned rows fit
     size_classes: int | str = 0  # forward: DOMs of n <= this by dom_classes instead of tiles (0: off; "auto")
     class_warps: int = 4  # dom_classes: num_warps of its attend launch
+    large_list: bool | str = False  # forward: the large DOMs by dom_classes' listed flash launch ("auto")
+    full_blocks: bool = True  # that launch: key blocks inside a DOM skip the end-of-DOM mask
+    flash_regs: int | None = None  # and its register cap per thread (None: ptxas' choice)
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -193,8 +211,13 @@ def _resolved(dtype, head_dim, n_heads, backward, items, below_merge) -> Plan:
         plan = plan._replace(merged=below_merge)
     if plan.split_flash == "auto":  # several heads, two launches of tiles (not merged), a forward
         plan = plan._replace(split_flash=n_heads > 1 and bool(plan.t_small) and not plan.merged and not backward)
-    if plan.size_classes == "auto":  # where the flash loops are a launch of their own: every tile DOM in classes
-        plan = plan._replace(size_classes=plan.t_big if plan.split_flash else 0)
+    if plan.size_classes == "auto":  # where the flash loops are a launch of their own: the DOMs <= T_small
+        plan = plan._replace(size_classes=plan.t_small if plan.split_flash else 0)
+    if plan.large_list == "auto":  # and there the DOMs above them listed for the flash launch
+        plan = plan._replace(large_list=plan.split_flash and bool(plan.size_classes))
+    elif plan.large_list and not plan.size_classes:
+        raise ValueError("dom_fused: large_list=True needs size_classes (the DOMs above it are the listed ones), "
+                         "got size_classes 0 (resolved)")
     return plan
 
 
@@ -252,9 +275,17 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
                          f"power of two), got {cfg['size_classes']!r} with {n_heads} heads")
     if cfg["class_num_warps"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"dom_fused: class_num_warps must be a power of two <= 16, got {cfg['class_num_warps']!r}")
+    large_list = False if backward else cfg["large_list"]  # (the backward has its own large-DOM launches)
+    if large_list not in ("auto", True, False):
+        raise ValueError(f"dom_fused: large_list must be True, False or 'auto', got {large_list!r}")
+    if not isinstance(cfg["flash_full_blocks"], bool):
+        raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
+    regs = cfg["flash_max_registers"]
+    if regs is not None and (not isinstance(regs, int) or not 24 <= regs <= 255):
+        raise ValueError(f"dom_fused: flash_max_registers must be None or 24 .. 255, got {regs!r}")
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
-                cfg["narrow"], size_classes, cfg["class_num_warps"])
+                cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"], regs)
     return plan, cfg["merge_below_pulses"]
 
 
@@ -293,6 +324,8 @@ def forward_roles(plan, n, n_heads):
     roles = _launches(n, plan.t_small, plan.t_big, n_heads, plan.merged, snhl, plan.split_flash)
     if plan.size_classes:  # dom_classes takes the tiles' DOMs up to size_classes; the big windows keep the rest
         roles = _class_roles(roles, plan, n, n_heads, snhl)
+    if plan.large_list:  # and with large_list the large DOMs too: no _fwd_kernel launch is left
+        roles = []
     return roles
 
 
@@ -324,7 +357,8 @@ def window_spans(dom_counts, lo: int, t: int) -> dict:
 
 
 if HAVE_TRITON:
-    from iceaggr_lib.backends.tile_math import _masked_softmax, _mm, _same_dom
+    from iceaggr_lib.backends.tile_math import (_flash_dom, _flash_rows, _kv_block, _masked_softmax, _mm, _same_dom,
+                                                 _saved_rows)
 
     @triton.jit
     def _window(DOM, CU, N, win, T: tl.constexpr):
@@ -403,13 +437,6 @@ if HAVE_TRITON:
                          pooled.to(OUT.dtype.element_ty), mask=st[:, None])
 
     @triton.jit
-    def _saved_rows(SV, rows64, h, NH: tl.constexpr, W: tl.constexpr):
-        """Pointers to rows ``rows64``, head ``h`` of the fp32 (N, NH, W) buffer a training step's forward leaves
-        for the backward's large DOMs: W = DH + 2 holds [O (DH), log2-sum-exp, Di]; without a saved forward the
-        backward makes a W = 2 one for [log2-sum-exp, Di] (pass 1 writes, pass 2 reads)."""
-        return SV + (rows64 * NH + h) * W
-
-    @triton.jit
     def _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N,
                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, win, h0,
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
@@ -423,7 +450,6 @@ if HAVE_TRITON:
         ``SAVE`` (a training step's forward): the large DOM's per-row outputs O and log-sum-exp go to ``SV``
         (``_saved_rows``: (N, NH, DH + 2) fp32), for the backward's pass 1."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
-        dcol = tl.arange(0, DH)
 
         # ---- small DOMs: one masked tile, T rows from the first owned row when they fit, else 2T from w0 -------
         if HAS_TILE:
@@ -447,24 +473,8 @@ if HAVE_TRITON:
             n_big = tl.load(CNT + d_big).to(tl.int32)
             if (d_hi > d_lo) & (n_big > T):
                 for hh in range(NHL):  # heads one after another (NHL > 1 only for single-level plans)
-                    h = h0 + hh
-                    s0 = tl.load(CU + d_big).to(tl.int64)
-                    bl = tl.arange(0, BL)
-                    pooled_acc = tl.zeros([DH], dtype=tl.float32)
-                    for qs in range(0, n_big, BL):
-                        qm = (qs + bl) < n_big
-                        qr = s0 + qs + bl
-                        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-                        m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_big, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL,
-                                                    PREC)
-                        o = acc / l_i[:, None]
-                        if SAVE:
-                            saved = _saved_rows(SV, qr, h, NH, DH + 2)
-                            tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
-                            tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
-                        pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
-                    tl.store(OUT + d_big.to(tl.int64) * so_d + h * so_h + dcol,
-                             (pooled_acc / n_big.to(tl.float32)).to(OUT.dtype.element_ty))
+                    _flash_dom(Q, K, V, OUT, SV, CU, d_big, n_big, h0 + hh, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d,
+                               so_h, qk_scale, NH, DH, BL, PREC, SAVE)
 
     @triton.jit
     def _bwd_tile(Q, K, V, G, DQ, DK, DV, rows64, dom_r, cnt_r, own, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h,
@@ -538,38 +548,6 @@ if HAVE_TRITON:
         st = (out_d < d_hi) & (out_cnt > LO) & (out_cnt <= T)
         tl.store(OUT + hcol[:, None, None] * so_h + out_d.to(tl.int64)[None, :, None] * so_d + dcol[None, None, :],
                  pooled.to(OUT.dtype.element_ty), mask=st[None, :, None])
-
-    @triton.jit
-    def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr):
-        """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v)."""
-        bl = tl.arange(0, BL)
-        dcol = tl.arange(0, DH)
-        km = (ks + bl) < n_d
-        kr = s0 + ks + bl
-        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
-        return km, kb, vb
-
-    @triton.jit
-    def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                    DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr):
-        """Online softmax of the query block ``qb`` (BL x DH) over the n_d keys of one DOM starting at row s0:
-        (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
-        kept unscaled and the scale applied inside the exponents (one fused multiply-add per score)."""
-        m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BL], dtype=tl.float32)
-        acc = tl.zeros([BL, DH], dtype=tl.float32)
-        for ks in range(0, n_d, BL):
-            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
-            sb = _mm(qb, tl.trans(kb), PREC)
-            sb = tl.where(km[None, :], sb, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-            alpha = tl.exp2((m_i - m_new) * qk_scale)
-            pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
-            l_i = l_i * alpha + tl.sum(pb, axis=1)
-            acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
-            m_i = m_new
-        return m_i * qk_scale, l_i, acc
 
     @triton.jit
     def _lse_di(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, gv, inv_n, saved, mine,
@@ -832,18 +810,27 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
                                                 role_warps.get(role, warps), spec,
                                                 plan.flash_stages if role == 3 else stages)
               for role, grid in forward_roles(plan, n, n_heads)]
-    if plan.size_classes:
-        buffers = class_buffers(dom_counts.shape[0], plan.size_classes, q.device)  # (allocated on this stream)
+    if plan.size_classes:  # (buffers allocated on this stream)
+        buffers = class_buffers(dom_counts.shape[0], plan.size_classes, q.device, n if plan.large_list else 0)
         launch.insert(0, lambda: class_attend(q, k, v, out, cu_seqlens, dom_counts, scale * LOG2E, plan.size_classes,
                                               buffers, plan.precision, plan.class_warps))
-    if len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles
+    if plan.large_list:  # listed here, before the fork: the flash launch reads the lists
+        list_large(dom_counts, n, plan.size_classes, buffers)
+        launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
+                                              plan.size_classes, buffers, plan.precision, plan.flash_block,
+                                              plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
+                                              plan.flash_regs))
+    if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles
+        run_concurrently(q.device, launch[0], launch[1])
+    elif len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles
         run_concurrently(q.device, lambda: (launch[0](), launch[1]()), launch[2])
     elif len(launch) == 2 and concurrent:  # the big windows' large-DOM tail overlaps the small ones
         run_concurrently(q.device, launch[1], launch[0])
     else:
         for fn in launch:
             fn()
-    return out, saved, plan.t_big
+    # the flash loops saved the rows of every DOM above their threshold
+    return out, saved, plan.size_classes if plan.large_list else plan.t_big
 
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved=None, t_fwd=NOT_SAVED,

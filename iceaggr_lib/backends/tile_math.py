@@ -1,5 +1,6 @@
 """Triton helpers shared by dom_fused's kernels (``dom_fused``, ``dom_classes``): fp32 dots as three tf32
-passes, the "same DOM" mask of a packed tile, and the masked softmax. Imported only where triton is."""
+passes, the "same DOM" mask of a packed tile, the masked softmax, and the flash loop of one large DOM and head
+(``_flash_dom``: online softmax over key blocks, fused with the mean pool). Imported only where triton is."""
 
 import triton
 import triton.language as tl
@@ -53,3 +54,90 @@ def _masked_softmax(s, keep, qk_scale, AXIS: tl.constexpr):
     p = tl.exp2(s * qk_scale - tl.expand_dims(m, AXIS))
     l = tl.sum(p, axis=AXIS)
     return p * tl.expand_dims(1.0 / tl.where(l > 0, l, 1.0), AXIS)
+
+
+@triton.jit
+def _saved_rows(SV, rows64, h, NH: tl.constexpr, W: tl.constexpr):
+    """Pointers to rows ``rows64``, head ``h`` of the fp32 (N, NH, W) buffer a training step's forward leaves
+    for the backward's large DOMs: W = DH + 2 holds [O (DH), log2-sum-exp, Di]; without a saved forward the
+    backward makes a W = 2 one for [log2-sum-exp, Di] (pass 1 writes, pass 2 reads)."""
+    return SV + (rows64 * NH + h) * W
+
+
+@triton.jit
+def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr):
+    """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v)."""
+    bl = tl.arange(0, BL)
+    dcol = tl.arange(0, DH)
+    km = (ks + bl) < n_d
+    kr = s0 + ks + bl
+    kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+    return km, kb, vb
+
+
+@triton.jit
+def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr):
+    """One key block of the online softmax (``_flash_rows``): ``MASK`` = whether some of its rows lie past the
+    DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score."""
+    sb = _mm(qb, tl.trans(kb), PREC)
+    if MASK:
+        sb = tl.where(km[None, :], sb, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+    alpha = tl.exp2((m_i - m_new) * qk_scale)
+    pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
+    l_i = l_i * alpha + tl.sum(pb, axis=1)
+    acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
+                DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False):
+    """Online softmax of the query block ``qb`` (BL x DH) over the n_d keys of one DOM starting at row s0:
+    (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
+    kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
+    the blocks wholly inside the DOM skip the end-of-DOM mask, only the last partial block applies it."""
+    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BL], dtype=tl.float32)
+    acc = tl.zeros([BL, DH], dtype=tl.float32)
+    if FULL:
+        n_full = n_d - n_d % BL
+        for ks in range(0, n_full, BL):
+            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, False)
+        if n_full < n_d:
+            km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True)
+    else:
+        for ks in range(0, n_d, BL):
+            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True)
+    return m_i * qk_scale, l_i, acc
+
+
+@triton.jit
+def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
+               NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
+               FULL: tl.constexpr = False):
+    """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
+    softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
+    stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
+    to ``SV`` (``_saved_rows``), for the backward's pass 1."""
+    dcol = tl.arange(0, DH)
+    s0 = tl.load(CU + d).to(tl.int64)
+    bl = tl.arange(0, BL)
+    pooled_acc = tl.zeros([DH], dtype=tl.float32)
+    for qs in range(0, n_d, BL):
+        qm = (qs + bl) < n_d
+        qr = s0 + qs + bl
+        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+        m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL)
+        o = acc / l_i[:, None]
+        if SAVE:
+            saved = _saved_rows(SV, qr, h, NH, DH + 2)
+            tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+            tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
+        pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
+    tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
+             (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

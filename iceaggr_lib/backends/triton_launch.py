@@ -99,31 +99,37 @@ class FastLaunch:
         return device, tuple(spec(backend, a, False, True, True) for a in args)
 
     @staticmethod
-    def _options(num_warps, num_stages):
-        return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    def _options(num_warps, num_stages, maxnreg=None):
+        options = dict(num_warps=num_warps)
+        if num_stages is not None:
+            options["num_stages"] = num_stages
+        if maxnreg is not None:  # ptxas' register cap per thread (more programs per SM, perhaps spills)
+            options["maxnreg"] = maxnreg
+        return options
 
-    def _plain(self, grid, args, constexprs, num_warps, num_stages):
+    def _plain(self, grid, args, constexprs, num_warps, num_stages, maxnreg=None):
         """Triton's own launch; a kernel that does not fit the GPU (shared memory, registers) is reported with
         its owner, name and settings, which Triton's message leaves out."""
         try:
-            return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages))
+            return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages, maxnreg))
         except OutOfResources as e:
             name = getattr(self.jit_fn, "__name__", type(self.jit_fn).__name__)
             raise RuntimeError(f"{self.owner}: kernel {name} with {constexprs}, num_warps={num_warps}, "
                                f"num_stages={num_stages} does not fit this GPU ({e}); a smaller block or "
                                f"fewer stages would") from e
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, spec=False, num_stages=None):
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, spec=False, num_stages=None,
+                 maxnreg=None):
         """Launch; ``spec``: from ``specialize(args)`` when the caller has it already; ``num_stages``: None
-        for Triton's default."""
+        for Triton's default; ``maxnreg``: None, or a cap on the registers per thread."""
         if spec is False:
             spec = self.specialize(args)
         if spec is None:
-            return self._plain(grid, args, constexprs, num_warps, num_stages)
-        key = (spec, tuple(constexprs.values()), num_warps, num_stages)
+            return self._plain(grid, args, constexprs, num_warps, num_stages, maxnreg)
+        key = (spec, tuple(constexprs.values()), num_warps, num_stages, maxnreg)
         kernel = self.kernels.get(key)
         if kernel is None:  # Triton's own launch compiles (or finds) the kernel and launches it
-            kernel = self._plain(grid, args, constexprs, num_warps, num_stages)
+            kernel = self._plain(grid, args, constexprs, num_warps, num_stages, maxnreg)
             self.kernels[key] = kernel
             return kernel
         full = list(args)

@@ -1,4 +1,5 @@
-"""dom_fused's small DOMs by size class: DOMs of one size class packed into tiles, attention + mean pool.
+"""dom_fused's DOMs by size class: small DOMs of one size class packed into tiles, large ones flash-looped
+largest first; attention + mean pool.
 
 Why: ``dom_fused``'s row-window tiles pack the small DOMs that start in a window into one masked T x T or
 2T x 2T tile. On IceCube-like batches (4,096 sample events: 181k one-pulse DOMs, 41k of 2-16 pulses,
@@ -19,9 +20,21 @@ size first lets a tile hold only DOMs of one size class, each padded to the clas
   ``dom_fused``'s tiles (``tile_math``). A class-2 tile is 8 DOMs of 2 pulses: 32 of its 256 scores per
   head are real pairs, where a row-window tile of the same DOMs also spans their one-pulse neighbours.
 
+With ``large_list`` the DOMs above TOP are listed too, and done by flash loops (v15):
+
+* ``_list_large_kernel`` (one launch, ``LIST_BLOCK`` DOMs per program, reading only ``dom_pulse_counts``) appends
+  each DOM of n > TOP pulses to the list of its large class c (2^(c-1) < n <= 2^c, ``LARGE_CLASSES`` of them, the
+  last open-ended); class c has room for ``(N >> (c-1)) + 1`` DOMs (each has more than 2^(c-1) of the N pulses).
+* ``_large_attend_kernel`` (one persistent launch, ``LARGE_PROGRAMS_PER_SM`` programs per SM, a ticket counter)
+  makes each item one (DOM, head), the largest class first, so the longest loops start first: the flash loop of
+  ``tile_math._flash_dom`` (query blocks one after another, each an online softmax over the DOM's key blocks,
+  summed into the mean pool). Where the window launches of ``dom_fused`` had one program per (window, head),
+  most of them finding no large DOM, this launch has only work.
+
 The layout read is the packed one of ``DomBatch`` (the rows of DOM d are ``cu_seqlens[d] ..
-cu_seqlens[d+1]``); q, k, v are (N, H, Dh) with any row and head strides, the output (D, H, Dh). DOMs
-of more than TOP pulses (and zero-pulse DOM slots) are left to the caller's other launches.
+cu_seqlens[d+1]``); q, k, v are (N, H, Dh) with any row and head strides, the output (D, H, Dh). Without
+``large_list`` the DOMs of more than TOP pulses are left to the caller's other launches; zero-pulse DOM slots
+are never written.
 """
 
 from __future__ import annotations

@@ -784,8 +784,9 @@ NOT_SAVED = 2**31 - 1  # ``t_fwd`` of a backward without a saved forward: no DOM
 
 def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config):
     """``fused_forward``; with ``save`` also (saved, t_fwd): the fp32 (N, H, Dh + 2) buffer in which the flash
-    loops left O and log-sum-exp of the rows of the DOMs of n > t_fwd (the plan's top tile level), which
-    ``fused_backward`` reads instead of recomputing them (``_bwd_large_kernel``, pass 1)."""
+    loops left O and log-sum-exp of the rows of the DOMs of n > t_fwd (the plan's top tile level; with
+    ``large_list`` its ``size_classes``), which ``fused_backward`` reads instead of recomputing them
+    (``_bwd_large_kernel``, pass 1)."""
     config = dict(config)
     config.pop("save_forward", None)  # (read by DomFusedAttention.forward)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)

@@ -8,7 +8,8 @@ rotating input sets), the memory floor (``iceaggr_lib.bench.memory_floor_bytes``
 measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (their
 prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
 times tile/warps/precision variants, ``--configs '[{...}, ...]'`` any dom_fused configs (JSON) at every
-point (``--fwd-only``: forward times only). ``--graphs`` times the whole layer forward at 16 events, eager
+point (``--fwd-only``: forward times only); a config may also set ``large_programs_per_sm``, the persistent
+programs per SM of the listed large-DOM launch (``dom_classes.LARGE_PROGRAMS_PER_SM``). ``--graphs`` times the whole layer forward at 16 events, eager
 and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
 """
 
@@ -23,12 +24,13 @@ import time
 import numpy as np
 import torch
 
-from iceaggr_lib.backends import dom_fused, get_backend
+from iceaggr_lib.backends import dom_classes, dom_fused, get_backend
 from iceaggr_lib.bench import memory_floor_bytes
 from iceaggr_lib.envinfo import measure_copy_bandwidth
 from iceaggr_lib.testing import random_qkv, reference_errors, rel_err
 
 RESULTS: list[dict] = []
+LARGE_PROGRAMS_PER_SM = dom_classes.LARGE_PROGRAMS_PER_SM  # the default, restored after each config
 
 
 def log(*a):
@@ -216,6 +218,8 @@ def main():
             row = dict(base, backend=name, config=cfg)
             if name != "dom_fused" and time.perf_counter() - t0 > args.budget_s:
                 continue  # keep the call inside its time limit: defaults and libraries first
+            cfg = dict(cfg)  # "large_programs_per_sm": dom_classes' module setting (run 67), not a config key
+            dom_classes.LARGE_PROGRAMS_PER_SM = cfg.pop("large_programs_per_sm", LARGE_PROGRAMS_PER_SM)
             try:
                 fn = fused_fn(b, scale, **cfg)
                 row.update(check(fn, b, h, dh, dtype, scale))

@@ -82,6 +82,16 @@ if HAVE_TRITON:
         return tl.arange(0, NH)[:, None] * s_h + tl.arange(0, DH)[None, :]
 
     @triton.jit
+    def _append(LIST, COUNT, d, mine):
+        """Append the DOM ids ``d`` where ``mine`` to the list at ``LIST``: one atomic add on its count reserves
+        the program's slots, ``cumsum`` numbers them."""
+        mine = mine.to(tl.int32)
+        total = tl.sum(mine, axis=0)
+        if total > 0:
+            base = tl.atomic_add(COUNT, total)
+            tl.store(LIST + base + tl.cumsum(mine, axis=0) - 1, d, mask=mine > 0)
+
+    @triton.jit
     def _classify_kernel(V, OUT, CU, CNT, D, LIST, COUNTER, sv_n, sv_h, so_d, so_h,
                          NC: tl.constexpr, CB: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr):
         """DOMs pid*CB .. +CB: a one-pulse DOM's output is its v row (softmax 1), copied here; each DOM of
@@ -95,12 +105,7 @@ if HAVE_TRITON:
         tl.store(OUT + d.to(tl.int64)[:, None, None] * so_d + _head_offsets(so_h, NH, DH)[None, :, :],
                  v.to(OUT.dtype.element_ty), mask=one[:, None, None])
         for c in tl.static_range(1, NC):
-            mine = ((n > ((1 << c) >> 1)) & (n <= (1 << c))).to(tl.int32)
-            total = tl.sum(mine, axis=0)
-            if total > 0:
-                base = tl.atomic_add(COUNTER + c, total)
-                slot = base + tl.cumsum(mine, axis=0) - 1
-                tl.store(LIST + c * D + slot, d, mask=mine > 0)
+            _append(LIST + c * D, COUNTER + c, d, (n > ((1 << c) >> 1)) & (n <= (1 << c)))
 
     @triton.jit
     def _class_tile(Q, K, V, OUT, CU, CNT, LIST, count, i0, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
@@ -186,12 +191,8 @@ if HAVE_TRITON:
         d = tl.program_id(0) * CB + tl.arange(0, CB)
         n = tl.load(CNT + d, mask=d < D, other=0).to(tl.int32)
         for c in tl.static_range(NC, NC + NL):
-            mine = ((n > ((1 << c) >> 1)) & ((n <= (1 << c)) | (c == NC + NL - 1))).to(tl.int32)
-            total = tl.sum(mine, axis=0)
-            if total > 0:
-                base = tl.atomic_add(COUNTER + c, total)
-                slot = base + tl.cumsum(mine, axis=0) - 1
-                tl.store(LARGE + _large_offset(N, c, NC) + slot, d, mask=mine > 0)
+            _append(LARGE + _large_offset(N, c, NC), COUNTER + c, d,
+                    (n > ((1 << c) >> 1)) & ((n <= (1 << c)) | (c == NC + NL - 1)))
 
     @triton.jit
     def _large_attend_kernel(Q, K, V, OUT, SV, CU, CNT, LARGE, COUNTER, N,

@@ -253,11 +253,11 @@ def class_buffers(n_doms: int, top: int, device, n_pulses: int = 0) -> tuple:
 
 
 def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple, precision: str,
-                 num_warps: int = 4) -> None:
+                 num_warps: int = 4, max_registers=None) -> None:
     """Write ``out[d]`` (attention inside DOM d + mean pool) for every DOM of 1 <= n_d <= top pulses: two launches.
     ``qk_scale``: softmax scale times log2(e). ``buffers``: ``class_buffers(D, top, device)``, made before (so
     that a caller running this on a side stream allocates on its own). ``precision``: of fp32 dots, as
-    ``dom_fused``'s."""
+    ``dom_fused``'s. ``max_registers``: None or ptxas' cap on registers per thread of the attend launch."""
     n_doms = dom_counts.shape[0]
     if n_doms == 0:
         return
@@ -274,7 +274,7 @@ def class_attend(q, k, v, out, cu_seqlens, dom_counts, qk_scale: float, top: int
     grid = min(_programs(q.device, PROGRAMS_PER_SM), -(-n // 8) + nc)
     args = (q, k, v, out, cu_seqlens, dom_counts, lists, counter, n_doms, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
-    _ATTEND((grid,), args, dict(NC=nc, NH=n_heads, DH=dh, PREC=precision), num_warps)
+    _ATTEND((grid,), args, dict(NC=nc, NH=n_heads, DH=dh, PREC=precision), num_warps, False, None, max_registers)
 
 
 def list_large(dom_counts, n_pulses: int, top: int, buffers: tuple) -> None:

@@ -115,6 +115,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     head), most of which find no large DOM; "auto" (the default) = wherever ``split_flash`` and ``size_classes``
     are on. ``flash_full_blocks``: in that launch, key blocks wholly inside a DOM skip the end-of-DOM mask
     (``tile_math._flash_rows``); ``flash_max_registers``: its register cap per thread (None: ptxas' choice).
+    ``class_max_registers``: the class launch's register cap per thread (None: ptxas' choice).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -143,6 +144,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # large_list at T_big uncapped 0.516 / 1.105). v14's classes of 17-32 pulses (206-register 32-row tiles of 8
     # heads) go to the flash launch as one-block items: classes 159 -> 82 µs, flash 264 -> 322 (bf16, profiler).
     flash_regs = (128 if dtype == torch.float32 else 96) if multi else None
+    # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
+    # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
+    # and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960). bf16's (2 warps, 128
+    # registers): 96 or 112 change nothing (0.423 / 0.429 / 0.425 ms), so it stays uncapped.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
@@ -151,7 +156,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                    narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
-                   flash_full_blocks=True, flash_max_registers=flash_regs)
+                   flash_full_blocks=True, flash_max_registers=flash_regs,
+                   class_max_registers=96 if multi else None)
         return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -165,7 +171,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                merge_below_pulses=400_000 if multi else 64_000, head_loop=multi,
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
-               flash_full_blocks=True, flash_max_registers=flash_regs)
+               flash_full_blocks=True, flash_max_registers=flash_regs,
+               class_max_registers=None)
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -191,6 +198,7 @@ class Plan(NamedTuple):
     large_list: bool | str = False  # forward: the large DOMs by dom_classes' listed flash launch ("auto")
     full_blocks: bool = True  # that launch: key blocks inside a DOM skip the end-of-DOM mask
     flash_regs: int | None = None  # and its register cap per thread (None: ptxas' choice)
+    class_regs: int | None = None  # the class launch's register cap per thread
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -280,12 +288,14 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError(f"dom_fused: large_list must be True, False or 'auto', got {large_list!r}")
     if not isinstance(cfg["flash_full_blocks"], bool):
         raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
-    regs = cfg["flash_max_registers"]
-    if regs is not None and (not isinstance(regs, int) or not 24 <= regs <= 255):
-        raise ValueError(f"dom_fused: flash_max_registers must be None or 24 .. 255, got {regs!r}")
+    for key in ("flash_max_registers", "class_max_registers"):
+        regs = cfg[key]
+        if regs is not None and (isinstance(regs, bool) or not isinstance(regs, int) or not 24 <= regs <= 255):
+            raise ValueError(f"dom_fused: {key} must be None or 24 .. 255, got {regs!r}")
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
-                cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"], regs)
+                cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
+                cfg["flash_max_registers"], cfg["class_max_registers"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -814,7 +824,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     if plan.size_classes:  # (buffers allocated on this stream)
         buffers = class_buffers(dom_counts.shape[0], plan.size_classes, q.device, n if plan.large_list else 0)
         launch.insert(0, lambda: class_attend(q, k, v, out, cu_seqlens, dom_counts, scale * LOG2E, plan.size_classes,
-                                              buffers, plan.precision, plan.class_warps))
+                                              buffers, plan.precision, plan.class_warps, plan.class_regs))
     if plan.large_list:  # listed here, before the fork: the flash launch reads the lists
         list_large(dom_counts, n, plan.size_classes, buffers)
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,

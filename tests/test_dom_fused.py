@@ -120,8 +120,9 @@ def test_split_flash_fp32(sizes, n_heads, extra):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
 @pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True, large_list=False)),
-                                            (2, dict(merged=True, class_num_warps=2))],
-                         ids=["h1", "h4_split", "h2_merged"])
+                                            (2, dict(merged=True, class_num_warps=2)),
+                                            (4, dict(class_max_registers=64))],
+                         ids=["h1", "h4_split", "h2_merged", "h4_capped"])
 @pytest.mark.parametrize("top", [8, 16])
 def test_size_classes(top, n_heads, extra, dtype):
     """``size_classes``: the DOMs up to ``top`` pulses (every class 1, 2, 3-4, 5-8, 9-16 occurs, several work
@@ -169,9 +170,9 @@ def test_size_classes_plan():
     assert [r for r, _ in dom_fused.forward_roles(plan, 500_000, 8)] == [4, 3]  # big windows' tiles, flash loops
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 100_000, size_classes=16).large_list is False  # merged: off
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
-    for dtype, regs in ((torch.float32, 128), (torch.bfloat16, 96)):  # "auto": where the flash loops launch apart
-        plan = dom_fused._resolve(dtype, 16, 8, 500_000)
-        assert (plan.size_classes, plan.large_list, plan.flash_regs) == (16, True, regs)
+    for dtype, regs, class_regs in ((torch.float32, 128, 96), (torch.bfloat16, 96, None)):  # "auto": where the
+        plan = dom_fused._resolve(dtype, 16, 8, 500_000)  # flash loops launch apart
+        assert (plan.size_classes, plan.large_list, plan.flash_regs, plan.class_regs) == (16, True, regs, class_regs)
         assert dom_fused.forward_roles(plan, 500_000, 8) == []
         assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
         assert dom_fused._resolve(dtype, 16, 8, 100_000).large_list is False
@@ -182,7 +183,7 @@ def test_size_classes_plan():
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
-                dict(flash_max_registers=300)):
+                dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True)):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
     with pytest.raises(ValueError, match="power of two"):
@@ -524,14 +525,29 @@ def test_pad_to_bucket_keeps_the_batch_and_adds_one_pulse_doms():
         pad_to_bucket(batch, n_bucket // 4)
 
 
+def test_bucket_for_steps():
+    from iceaggr_lib.graphs import bucket_for
+    assert [bucket_for(n) for n in (1, 256, 257, 1030, 2049)] == [256, 256, 512, 2048, 4096]
+    quarter = [bucket_for(n, 256, 4) for n in (1, 256, 257, 1024, 1025, 1030, 1281, 1792, 1793, 2049)]
+    assert quarter == [256, 256, 320, 1024, 1280, 1280, 1536, 1792, 2048, 2560]
+    for n in range(1, 5000, 7):  # never below n, never more than 1 / s of padding above the minimum
+        for s in (1, 2, 4, 8):
+            b = bucket_for(n, 64, s)
+            assert max(n, 64) <= b <= max(n, 64) * (1 + 1 / s) + 1
+    with pytest.raises(ValueError, match="steps_per_octave"):
+        bucket_for(100, 256, 3)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_forward_matches_eager(dtype):
+@pytest.mark.parametrize("steps,fused", [(1, False), (4, True)])
+def test_graphed_forward_matches_eager(dtype, steps, fused):
     from iceaggr_lib.graphs import GraphedDomForward
     from iceaggr_lib.model import DOMAggregator
     torch.manual_seed(0)
     model = DOMAggregator(n_heads=8, backend="dom_fused").to("cuda", dtype)
-    graphed = GraphedDomForward(model)
+    graphed = GraphedDomForward(model, steps_per_octave=steps, fused_projection=fused)
+    assert graphed.fused_projection is fused
     for seed in (1, 2):  # two batches of one bucket: the second replays the captured graph
         batch = batch_from_dom_sizes(icecube_like_sizes(700, seed=seed, max_size=30), seed=seed)
         with torch.no_grad():

@@ -10,7 +10,7 @@ prepare, e.g. the BlockMask build, left out of their time, as the issue's target
 times tile/warps/precision variants, ``--configs '[{...}, ...]'`` any dom_fused configs (JSON) at every
 point (``--fwd-only``: forward times only); a config may also set ``large_programs_per_sm``, the persistent
 programs per SM of the listed large-DOM launch (``dom_classes.LARGE_PROGRAMS_PER_SM``). ``--graphs`` times the whole layer forward at 16 events, eager
-and replayed from a CUDA graph. Prints a table last; writes results.json and log lines under --out.
+and replayed from a CUDA graph. Prints a table last; writes results.json (after every row) and log lines under --out.
 """
 
 from __future__ import annotations
@@ -167,6 +167,13 @@ def graphs_bench(batch16, configs=()):
     return res
 
 
+def save(out_dir, env, graphs):
+    """(Re)write results.json with every row so far."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"env": env, "results": RESULTS, "graphs": graphs}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -232,6 +239,7 @@ def main():
             row["elapsed_s"] = time.perf_counter() - t0
             RESULTS.append(row)
             log(json.dumps(row))
+            save(args.out, env, graphs)  # as produced: a call cut short by its time limit keeps its rows
         if args.libs and ev == 1024 and dtype == torch.bfloat16 and h == 1:
             for lib in ("varlen", "flex_block"):
                 row = dict(base, backend=lib)
@@ -245,10 +253,9 @@ def main():
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 RESULTS.append(row)
                 log(json.dumps(row))
+                save(args.out, env, graphs)
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"env": env, "results": RESULTS, "graphs": graphs}, f, indent=1)
+    save(args.out, env, graphs)
     log("\n== summary (ms, medians; floor at 3 TB/s) ==")
     log(f"{'point':<18}{'backend':<26}{'fwd':>8}{'fb':>8}{'floor':>8}{'x floor':>8}  errs out/dq/dk/dv")
     for r in RESULTS:

@@ -139,8 +139,11 @@ def test_size_classes(top, n_heads, extra, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
 @pytest.mark.parametrize("n_heads,extra", [(1, {}), (4, dict(head_loop=True, split_flash=True)),
                                             (2, dict(flash_full_blocks=False)), (2, dict(size_classes=8)),
-                                            pytest.param(2, dict(concurrent=True), marks=needs_cuda)],
-                         ids=["h1", "h4_split", "h2_masked_blocks", "h2_top8", "h2_two_streams"])
+                                            pytest.param(2, dict(concurrent=True), marks=needs_cuda),
+                                            (2, dict(flash_query_pairs=True)),
+                                            (1, dict(flash_query_pairs=True, flash_full_blocks=False))],
+                         ids=["h1", "h4_split", "h2_masked_blocks", "h2_top8", "h2_two_streams", "h2_pairs",
+                              "h1_pairs_masked"])
 @pytest.mark.parametrize("large_classes", [8, 2])
 @pytest.mark.parametrize("sizes", [[1] * 10 + [2, 5, 9, 16, 17, 32, 33, 48, 49, 64, 65, 100, 3, 1, 20],
                                    [17] * 28 + [33, 65, 1, 2]], ids=["mixed", "full_lists"])
@@ -170,9 +173,10 @@ def test_size_classes_plan():
     assert [r for r, _ in dom_fused.forward_roles(plan, 500_000, 8)] == [4, 3]  # big windows' tiles, flash loops
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 100_000, size_classes=16).large_list is False  # merged: off
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
-    for dtype, regs, class_regs in ((torch.float32, 128, 96), (torch.bfloat16, 96, None)):  # "auto": where the
-        plan = dom_fused._resolve(dtype, 16, 8, 500_000)  # flash loops launch apart
-        assert (plan.size_classes, plan.large_list, plan.flash_regs, plan.class_regs) == (16, True, regs, class_regs)
+    for dtype, class_regs, pairs in ((torch.float32, 96, False), (torch.bfloat16, None, True)):  # "auto": where
+        plan = dom_fused._resolve(dtype, 16, 8, 500_000)  # the flash loops launch apart
+        assert (plan.size_classes, plan.large_list, plan.flash_regs, plan.class_regs, plan.query_pairs) == (
+            16, True, 128, class_regs, pairs)
         assert dom_fused.forward_roles(plan, 500_000, 8) == []
         assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
         assert dom_fused._resolve(dtype, 16, 8, 100_000).large_list is False
@@ -183,7 +187,8 @@ def test_size_classes_plan():
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
-                dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True)):
+                dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True),
+                dict(flash_query_pairs=1)):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
     with pytest.raises(ValueError, match="power of two"):

@@ -198,7 +198,8 @@ if HAVE_TRITON:
     def _large_attend_kernel(Q, K, V, OUT, SV, CU, CNT, LARGE, COUNTER, N,
                              sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                              NC: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                             BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr):
+                             BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr,
+                             PAIR: tl.constexpr):
         """Work items (large DOM, head), the largest class first, so that the longest flash loops start first
         and the short ones fill in behind them; each a flash loop (``_flash_dom``). Programs take items from a
         ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``."""
@@ -220,7 +221,7 @@ if HAVE_TRITON:
             n_d = tl.load(CNT + d).to(tl.int32)
             # every class's items start at a multiple of NH, so the head is item % NH
             _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
-                       qk_scale, NH, DH, BL, PREC, SAVE, FULL)
+                       qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR)
             item = following
 
     _CLASSIFY, _ATTEND = FastLaunch(_classify_kernel, "dom_fused"), FastLaunch(_class_attend_kernel, "dom_fused")
@@ -290,13 +291,14 @@ def list_large(dom_counts, n_pulses: int, top: int, buffers: tuple) -> None:
 
 def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple,
                  precision: str, block: int, num_warps: int, num_stages=None, save: bool = False,
-                 full_blocks: bool = True, max_registers=None) -> None:
+                 full_blocks: bool = True, max_registers=None, query_pairs: bool = False) -> None:
     """Write ``out[d]`` for every DOM of more than ``top`` pulses, listed by ``list_large`` (issued before, on this
     stream): one persistent launch of flash loops (``_large_attend_kernel``), ``block``-row blocks. ``save``:
     the rows' O and log-sum-exp into ``saved`` ((N, H, Dh + 2) fp32, as dom_fused's flash loops leave them).
     ``full_blocks``: key blocks wholly inside a DOM skip the end-of-DOM mask (``tile_math._flash_rows``).
     ``max_registers``: None or ptxas' cap on registers per thread (the persistent loop lets ptxas keep more
-    live than the one-item flash program did, which costs programs per SM)."""
+    live than the one-item flash program did, which costs programs per SM). ``query_pairs``: query blocks two at a
+    time (``tile_math._flash_dom``'s PAIR)."""
     n_doms = dom_counts.shape[0]
     _, counter, large = buffers
     if n_doms == 0:
@@ -306,4 +308,5 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     args = (q, k, v, out, saved, cu_seqlens, dom_counts, large, counter, n, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
     _LARGE((grid,), args, dict(NC=n_classes(top), NL=LARGE_CLASSES, NH=n_heads, DH=dh, BL=block, PREC=precision,
-                               SAVE=save, FULL=full_blocks), num_warps, False, num_stages, max_registers)
+                               SAVE=save, FULL=full_blocks, PAIR=query_pairs), num_warps, False, num_stages,
+          max_registers)

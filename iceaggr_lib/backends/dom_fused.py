@@ -116,6 +116,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     are on. ``flash_full_blocks``: in that launch, key blocks wholly inside a DOM skip the end-of-DOM mask
     (``tile_math._flash_rows``); ``flash_max_registers``: its register cap per thread (None: ptxas' choice).
     ``class_max_registers``: the class launch's register cap per thread (None: ptxas' choice).
+    ``flash_query_pairs``: the listed flash launch takes a DOM's query blocks two at a time (``tile_math._flash_dom``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -143,7 +144,11 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # cap: ptxas gives the persistent loop 141 / 227 registers, which starves the class launch beside it (run 66:
     # large_list at T_big uncapped 0.516 / 1.105). v14's classes of 17-32 pulses (206-register 32-row tiles of 8
     # heads) go to the flash launch as one-block items: classes 159 -> 82 µs, flash 264 -> 322 (bf16, profiler).
-    flash_regs = (128 if dtype == torch.float32 else 96) if multi else None
+    # v17 flash_query_pairs (runs 77-78, do_bench forward, bf16 8x16, the grid's four batches of 4,096 events, whose
+    # large-DOM work differs 1.9x): query blocks two at a time, capped at 128 registers (96 spills 132 B):
+    # batch 0 0.428 -> 0.430 ms, 1 0.628 -> 0.590, 2 0.545 -> 0.529, 3 0.649 -> 0.599. In fp32 the pair spills
+    # 640 B at 128 registers, so it stays off there.
+    flash_regs = 128 if multi else None  # v15: bf16 96 (a single query block)
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
     # and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960). bf16's (2 warps, 128
@@ -157,7 +162,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                    narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
                    flash_full_blocks=True, flash_max_registers=flash_regs,
-                   class_max_registers=96 if multi else None)
+                   class_max_registers=96 if multi else None, flash_query_pairs=False)
         return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -172,7 +177,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
-               class_max_registers=None)
+               class_max_registers=None, flash_query_pairs=multi)
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -199,6 +204,7 @@ class Plan(NamedTuple):
     full_blocks: bool = True  # that launch: key blocks inside a DOM skip the end-of-DOM mask
     flash_regs: int | None = None  # and its register cap per thread (None: ptxas' choice)
     class_regs: int | None = None  # the class launch's register cap per thread
+    query_pairs: bool = False  # the listed flash launch: query blocks two at a time
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -286,6 +292,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     large_list = False if backward else cfg["large_list"]  # (the backward has its own large-DOM launches)
     if large_list not in ("auto", True, False):
         raise ValueError(f"dom_fused: large_list must be True, False or 'auto', got {large_list!r}")
+    if not isinstance(cfg["flash_query_pairs"], bool):
+        raise ValueError(f"dom_fused: flash_query_pairs must be True or False, got {cfg['flash_query_pairs']!r}")
     if not isinstance(cfg["flash_full_blocks"], bool):
         raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
     for key in ("flash_max_registers", "class_max_registers"):
@@ -295,7 +303,7 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
                 cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
-                cfg["flash_max_registers"], cfg["class_max_registers"])
+                cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -830,7 +838,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
                                               plan.size_classes, buffers, plan.precision, plan.flash_block,
                                               plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
-                                              plan.flash_regs))
+                                              plan.flash_regs, plan.query_pairs))
     if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles
         run_concurrently(q.device, launch[0], launch[1])
     elif len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles

@@ -94,13 +94,13 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
 @triton.jit
 def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
                 DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False):
-    """Online softmax of the query block ``qb`` (BL x DH) over the n_d keys of one DOM starting at row s0:
-    (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
+    """Online softmax of the query block ``qb`` (R x DH, R = BL or a multiple) over the n_d keys of one DOM starting
+    at row s0: (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
     kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
     the blocks wholly inside the DOM skip the end-of-DOM mask, only the last partial block applies it."""
-    m_i = tl.full([BL], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BL], dtype=tl.float32)
-    acc = tl.zeros([BL, DH], dtype=tl.float32)
+    m_i = tl.full([qb.shape[0]], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([qb.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([qb.shape[0], DH], dtype=tl.float32)
     if FULL:
         n_full = n_d - n_d % BL
         for ks in range(0, n_full, BL):
@@ -117,27 +117,47 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
 
 
 @triton.jit
+def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
+                      DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
+                      FULL: tl.constexpr):
+    """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h, over all its keys
+    (``_flash_rows``): the sum of their outputs (DH,), for the mean pool; ``SAVE``: O and log-sum-exp of the rows
+    to ``SV`` too."""
+    dcol = tl.arange(0, DH)
+    rows = tl.arange(0, R)
+    qm = (qs + rows) < n_d
+    qr = s0 + qs + rows
+    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+    m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL)
+    o = acc / l_i[:, None]
+    if SAVE:
+        saved = _saved_rows(SV, qr, h, NH, DH + 2)
+        tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+        tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
+    return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
+
+
+@triton.jit
 def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-               FULL: tl.constexpr = False):
+               FULL: tl.constexpr = False, PAIR: tl.constexpr = False):
     """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
-    to ``SV`` (``_saved_rows``), for the backward's pass 1."""
+    to ``SV`` (``_saved_rows``), for the backward's pass 1. ``PAIR``: query blocks two at a time (2 BL rows against
+    each key block of BL rows, while two more are left; then one at a time): each key block is loaded once for
+    both, and the two blocks' softmax chains are independent work for the same instructions' latency."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
-    bl = tl.arange(0, BL)
     pooled_acc = tl.zeros([DH], dtype=tl.float32)
-    for qs in range(0, n_d, BL):
-        qm = (qs + bl) < n_d
-        qr = s0 + qs + bl
-        qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-        m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL)
-        o = acc / l_i[:, None]
-        if SAVE:
-            saved = _saved_rows(SV, qr, h, NH, DH + 2)
-            tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
-            tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
-        pooled_acc += tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
+    start = 0
+    if PAIR:
+        start = n_d - n_d % (2 * BL)
+        for qs in range(0, start, 2 * BL):
+            pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL)
+    for qs in range(start, n_d, BL):
+        pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
+                                        NH, DH, BL, BL, PREC, SAVE, FULL)
     tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
              (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

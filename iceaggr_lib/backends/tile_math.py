@@ -145,8 +145,8 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
     to ``SV`` (``_saved_rows``), for the backward's pass 1. ``PAIR``: query blocks two at a time (2 BL rows against
-    each key block of BL rows, while two more are left; then one at a time): each key block is loaded once for
-    both, and the two blocks' softmax chains are independent work for the same instructions' latency."""
+    each key block of BL rows while at least two blocks are left, then one at a time): each key block is loaded
+    once for both, and the two blocks' softmax chains are independent, so one issues while the other waits."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
     pooled_acc = tl.zeros([DH], dtype=tl.float32)

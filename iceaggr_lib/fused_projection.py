@@ -2,7 +2,7 @@
 graphed small-batch forward (``graphs.GraphedDomForward``).
 
 Why: at 16 events (~1.2k pulses) the layer forward replayed from a CUDA graph is three kernels, and in fp32
-(tf32 off) the two projections are cuBLAS SIMT GEMMs of a few µs each whose tiles leave most SMs idle (run 71,
+(tf32 off) the two projections are cuBLAS GEMMs on the CUDA cores, about 15 TFLOP/s at this size (run 71,
 ``scripts/profile_graph.py``: 2.9 + 8.4 µs of kernels at a 1,280-row bucket, beside 7.5 µs of attention).
 One launch computes both: each program takes ``BM`` pulses and a ``BN``-column block of the output, makes their
 embedding ``h = x We^T + be`` (the 6 features padded to 16 for the dot) ``KC`` columns at a time, in registers,
@@ -12,7 +12,7 @@ The arithmetic: in bf16 the eager layer's (the features rounded to bf16 first, `
 two products, both accumulated in fp32, as the two ``nn.Linear`` calls do); in fp32 (tf32 off in the eager layer)
 each product as three tf32 tensor-core passes on split operands (``tile_math._mm``'s "tf32x3_mask", as dom_fused's
 fp32 attention), whose error is fp32's own class (rel err 1e-7 against float64), not one tf32 pass's (1e-3).
-Triton's fp32 dots on the CUDA cores ("ieee") are exact too but 4x slower than cuBLAS here (run 72). Results agree
+Triton's fp32 dots on the CUDA cores ("ieee") are exact too but 2-3x slower than cuBLAS here (run 72). Results agree
 with the eager layer to the dtype's rounding (the summation order differs), not bit for bit.
 """
 
@@ -20,16 +20,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    from iceaggr_lib.backends.tile_math import _mm
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from iceaggr_lib.backends.triton_launch import HAVE_TRITON, tl, triton
 
 BM = 32  # pulses per program
 BN = 64  # output columns per program
@@ -37,6 +28,8 @@ KC = 32  # d_model columns of the embedding per step
 
 
 if HAVE_TRITON:
+    from iceaggr_lib.backends.tile_math import _mm
+
     @triton.jit
     def _project_kernel(X, WE, BE, WQ, BQ, OUT, n, F, sx_n, so_n, D: tl.constexpr, FP: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
@@ -76,7 +69,7 @@ def fused_qkv(x: torch.Tensor, embed: torch.nn.Linear, qkv: torch.nn.Linear, pre
               ) -> torch.Tensor:
     """``qkv(embed(x.to(dtype)))`` for pulse features ``x`` (N, F) in one launch: (N, 3 * d_model) in the layers'
     dtype. ``supports(embed, qkv)`` must hold. ``precision``: of the fp32 dots, "tf32x3_mask" (three tf32
-    tensor-core passes, fp32-class error: ``tile_math._mm``) or "ieee" (CUDA-core FMAs; 4x slower, run 72)."""
+    tensor-core passes, fp32-class error: ``tile_math._mm``) or "ieee" (CUDA-core FMAs; 2-3x slower, run 72)."""
     if precision not in ("tf32x3_mask", "ieee"):
         raise ValueError(f"fused_qkv: precision must be 'tf32x3_mask' or 'ieee', got {precision!r}")
     if not supports(embed, qkv):

@@ -140,9 +140,11 @@ def peak_memory(fn, batch, h, dh, dtype):
 def graphs_bench(batch16, configs=()):
     """The 16-event layer forward, eager and from a CUDA graph, per dtype; ``configs``: attention configs
     captured as further graphs (``GraphedDomForward(attention_config=...)``)."""
+    import triton.testing
+    from profile_graph import replay_times  # scripts/ is on sys.path when this runs as a script
+
     from iceaggr_lib.graphs import GraphedDomForward
     from iceaggr_lib.model import DOMAggregator
-    import triton.testing
     res = {}
     for dtype, config in [(d, c) for d in (torch.float32, torch.bfloat16) for c in [{}] + list(configs)]:
         model = DOMAggregator(backend="dom_fused").to("cuda", dtype)
@@ -153,13 +155,9 @@ def graphs_bench(batch16, configs=()):
             staged = gf.stage(batch16)
             out_g = gf.replay(staged).clone()
             out_e = model(b)
-            replay = triton.testing.do_bench(lambda: gf.replay(staged), warmup=50, rep=300, return_mode="median")
+            replay_ms, wall = replay_times(gf, staged)
+            replay = float(np.median(replay_ms))
             stage_and_replay = triton.testing.do_bench(lambda: gf(batch16), warmup=20, rep=200, return_mode="median")
-            # wall clock of replays, as a user sees it (host + device), per call
-            torch.cuda.synchronize(); t0 = time.perf_counter()
-            for _ in range(1000):
-                gf.replay(staged)
-            torch.cuda.synchronize(); wall = (time.perf_counter() - t0) * 1e3 / 1000
         key = str(dtype) + (json.dumps(config) if config else "")
         res[key] = {"eager_ms": eager, "graph_replay_ms": replay, "graph_replay_wall_ms": wall,
                            "stage_plus_replay_ms": stage_and_replay, "graph_vs_eager_rel_err": rel_err(out_g, out_e),

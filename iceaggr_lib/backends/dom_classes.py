@@ -41,16 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from iceaggr_lib.backends.triton_launch import FastLaunch
-
-try:
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from iceaggr_lib.backends.triton_launch import HAVE_TRITON, FastLaunch, tl, triton
 
 CLASSIFY_BLOCK = 64  # DOMs per classify program (it copies the one-pulse DOMs' v rows too)
 PROGRAMS_PER_SM = 8  # the class launch's programs (each loops over work items)

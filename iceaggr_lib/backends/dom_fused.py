@@ -70,16 +70,8 @@ import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
 from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large
-from iceaggr_lib.backends.triton_launch import FastLaunch, run_concurrently
+from iceaggr_lib.backends.triton_launch import HAVE_TRITON, FastLaunch, run_concurrently, tl, triton
 
-try:  # Triton is on the GPU image; the CPU CI venv may not have it, and the registry must still import.
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-    tl = None
-    HAVE_TRITON = False
 
 LOG2E = 1.4426950408889634
 

@@ -26,12 +26,17 @@ import os
 
 import torch
 
+# The package's one optional import of Triton (on the GPU image; the CPU CI venv may lack it, and the backend
+# registry must still import): dom_fused, dom_classes and fused_projection take triton, tl and HAVE_TRITON from here.
 try:
     import triton
+    import triton.language as tl
     from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - the CPU CI venv may lack triton
+    triton = None
+    tl = None
     HAVE_TRITON = False
     OutOfResources = ()  # (an except clause with an empty tuple catches nothing)
 
@@ -114,8 +119,9 @@ class FastLaunch:
             return self.jit_fn[grid](*args, **constexprs, **self._options(num_warps, num_stages, maxnreg))
         except OutOfResources as e:
             name = getattr(self.jit_fn, "__name__", type(self.jit_fn).__name__)
+            cap = "" if maxnreg is None else f", registers capped at {maxnreg} per thread"
             raise RuntimeError(f"{self.owner}: kernel {name} with {constexprs}, num_warps={num_warps}, "
-                               f"num_stages={num_stages} does not fit this GPU ({e}); a smaller block or "
+                               f"num_stages={num_stages} does not fit this GPU ({e}{cap}); a smaller block or "
                                f"fewer stages would") from e
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, spec=False, num_stages=None,

@@ -138,8 +138,12 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # heads) go to the flash launch as one-block items: classes 159 -> 82 µs, flash 264 -> 322 (bf16, profiler).
     # v17 flash_query_pairs (runs 77-78, do_bench forward, bf16 8x16, the grid's four batches of 4,096 events, whose
     # large-DOM work differs 1.9x): query blocks two at a time, capped at 128 registers (96 spills 132 B):
-    # batch 0 0.428 -> 0.430 ms, 1 0.628 -> 0.590, 2 0.545 -> 0.529, 3 0.649 -> 0.599. In fp32 the pair spills
-    # 640 B at 128 registers, so it stays off there.
+    # batch 0 0.428 -> 0.430 ms, 1 0.628 -> 0.590, 2 0.545 -> 0.529, 3 0.649 -> 0.599.
+    # v18 (runs 80-81, the same four batches, fp32 8x16): tile_math's tf32 split by masking and the fp32 P @ V in
+    # the mma's key order (_pv_order) take the flash loop from 485 to 357 SASS instructions per 32 x 32 block:
+    # batch 0 0.954 -> 0.836 ms (run 72's v16 number), 1 1.455 -> 1.288, 3 1.515 -> 1.341. Pairs in fp32 spill
+    # inside the loop at 128 registers; at 168 (6 programs per SM) only outside it: 0.852, 1.241, 1.082 (single
+    # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1.
     flash_regs = 128 if multi else None  # v15: bf16 96 (a single query block)
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
@@ -153,8 +157,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    merge_below_pulses=400_000 if multi else 0, head_loop=multi,
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                    narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
-                   flash_full_blocks=True, flash_max_registers=flash_regs,
-                   class_max_registers=96 if multi else None, flash_query_pairs=False)
+                   flash_full_blocks=True, flash_max_registers=168 if multi else None,
+                   class_max_registers=96 if multi else None, flash_query_pairs=multi)
         return dict(cfg, **multi_warps) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),

@@ -8,18 +8,19 @@ import triton.language as tl
 
 @triton.jit
 def _tf32_hi(x):
-    """``x`` (fp32) rounded to tf32's 10 mantissa bits (to nearest, ties away from zero), as fp32."""
-    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    """``x`` (fp32) cut to tf32's 10 mantissa bits (the low 13 bits cleared: one AND), as fp32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     """``tl.dot(a, b)`` at precision PREC. "tf32x3_mask" is tf32x3 with the operand split written here:
-    hi = x rounded to tf32 by integer ops on its bits, lo = x - hi (exact), then
+    hi = x cut to tf32 by masking its low 13 bits, lo = x - hi (exact, |lo| < 2^-10 |x|), then
     a_lo b_hi + a_hi b_lo + a_hi b_hi on the tensor cores; Triton's own "tf32x3" rounds both halves with
     ``cvt.rna.tf32.f32``, which sm_90 runs as a sequence of integer and compare instructions per element.
     lo goes to the tensor cores unrounded: a tf32 product reads the top 19 bits of the register, so lo is
-    truncated there, an error of <= 2^-21 of x (GPU tests: output errors unchanged, at fp32's own rounding)."""
+    truncated there, an error below 2^-20 of x; the dropped a_lo b_lo is below 2^-20 of a b. (Until v18 hi was
+    rounded to nearest, one integer add more per element, for 2^-21 and 2^-22.)"""
     if PREC == "tf32x3_mask" and a.dtype == tl.float32 and b.dtype == tl.float32:
         a_hi = _tf32_hi(a)
         b_hi = _tf32_hi(b)
@@ -65,19 +66,37 @@ def _saved_rows(SV, rows64, h, NH: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr):
-    """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v)."""
+def _pv_order(x):
+    """The key (column) order of the fp32 P @ V dot: within each group of 8 keys, key 2t + e moves to t + 4e.
+    Why: a tf32 mma (m16n8k8) leaves a thread the score columns 2t, 2t+1 of each 8-column group but takes its
+    A operand as columns t, t+4; with P's columns and V's rows both in this order (the sum over keys does not
+    care) the scores are already where the P @ V dot wants them, and the layout change (a shuffle and selects
+    per element of P's two tf32 halves) goes away. 16-bit dots need no such order (their layouts agree)."""
+    return (x // 8) * 8 + (x % 4) * 2 + (x % 8) // 4
+
+
+@triton.jit
+def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr,
+              PV_ORDER: tl.constexpr = False):
+    """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v);
+    ``PV_ORDER``: v's rows in ``_pv_order``."""
     bl = tl.arange(0, BL)
     dcol = tl.arange(0, DH)
     km = (ks + bl) < n_d
     kr = s0 + ks + bl
     kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
-    vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
+    if PV_ORDER:
+        vbl = _pv_order(bl)
+        vb = tl.load(V + (s0 + ks + vbl)[:, None] * sv_n + h * sv_h + dcol[None, :],
+                     mask=((ks + vbl) < n_d)[:, None], other=0.0)
+    else:
+        vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
     return km, kb, vb
 
 
 @triton.jit
-def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr):
+def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr,
+                PV_ORDER: tl.constexpr = False):
     """One key block of the online softmax (``_flash_rows``): ``MASK`` = whether some of its rows lie past the
     DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score."""
     sb = _mm(qb, tl.trans(kb), PREC)
@@ -87,6 +106,10 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
     alpha = tl.exp2((m_i - m_new) * qk_scale)
     pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
     l_i = l_i * alpha + tl.sum(pb, axis=1)
+    if PV_ORDER:  # P's columns in v's row order (_pv_order): 2t + e -> t + 4e within each group of 8
+        R: tl.constexpr = pb.shape[0]
+        BL: tl.constexpr = pb.shape[1]
+        pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
     acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
     return m_new, l_i, acc
 
@@ -97,22 +120,24 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
     """Online softmax of the query block ``qb`` (R x DH, R = BL or a multiple) over the n_d keys of one DOM starting
     at row s0: (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
     kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
-    the blocks wholly inside the DOM skip the end-of-DOM mask, only the last partial block applies it."""
+    the blocks wholly inside the DOM skip the end-of-DOM mask, only the last partial block applies it. fp32 dots
+    (tf32 passes) take P's columns and v's rows in ``_pv_order``."""
+    PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee"
     m_i = tl.full([qb.shape[0]], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([qb.shape[0]], dtype=tl.float32)
     acc = tl.zeros([qb.shape[0], DH], dtype=tl.float32)
     if FULL:
         n_full = n_d - n_d % BL
         for ks in range(0, n_full, BL):
-            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, False)
+            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, False, PV_ORDER)
         if n_full < n_d:
-            km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True)
+            km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER)
     else:
         for ks in range(0, n_d, BL):
-            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True)
+            km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER)
     return m_i * qk_scale, l_i, acc
 
 

@@ -173,10 +173,10 @@ def test_size_classes_plan():
     assert [r for r, _ in dom_fused.forward_roles(plan, 500_000, 8)] == [4, 3]  # big windows' tiles, flash loops
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 100_000, size_classes=16).large_list is False  # merged: off
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, backward=True, size_classes=32).size_classes == 0
-    for dtype, flash_regs, class_regs in ((torch.float32, 168, 96), (torch.bfloat16, 128, None)):  # "auto": where
-        plan = dom_fused._resolve(dtype, 16, 8, 500_000)  # the flash loops launch apart
-        assert (plan.size_classes, plan.large_list, plan.flash_regs, plan.class_regs, plan.query_pairs) == (
-            16, True, flash_regs, class_regs, True)
+    for dtype, flash_regs, stages, class_regs in ((torch.float32, 168, 2, 96), (torch.bfloat16, 128, 3, None)):
+        plan = dom_fused._resolve(dtype, 16, 8, 500_000)  # "auto": where the flash loops launch apart
+        assert (plan.size_classes, plan.large_list, plan.flash_regs, plan.flash_stages, plan.class_regs,
+                plan.query_pairs) == (16, True, flash_regs, stages, class_regs, True)
         assert dom_fused.forward_roles(plan, 500_000, 8) == []
         assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
         assert dom_fused._resolve(dtype, 16, 8, 100_000).large_list is False

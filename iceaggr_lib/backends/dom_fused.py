@@ -143,7 +143,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # the mma's key order (_pv_order) take the flash loop from 485 to 357 SASS instructions per 32 x 32 block:
     # batch 0 0.954 -> 0.836 ms (run 72's v16 number), 1 1.455 -> 1.288, 3 1.515 -> 1.341. Pairs in fp32 spill
     # inside the loop at 128 registers; at 168 (6 programs per SM) only outside it: 0.852, 1.241, 1.082 (single
-    # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1.
+    # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1. Pipeline stages of the fp32
+    # flash launch (run 83, batches 2 / 1): 3 1.081 / 1.237, 2 1.035 / 1.182, 4 1.116 / 1.280; class launch capped
+    # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
     flash_regs = 128 if multi else None  # v15: bf16 96 (a single query block)
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
@@ -159,7 +161,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
                    flash_full_blocks=True, flash_max_registers=168 if multi else None,
                    class_max_registers=96 if multi else None, flash_query_pairs=multi)
-        return dict(cfg, **multi_warps) if multi else cfg
+        return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).

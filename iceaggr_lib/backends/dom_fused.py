@@ -146,7 +146,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1. Pipeline stages of the fp32
     # flash launch (run 83, batches 2 / 1): 3 1.081 / 1.237, 2 1.035 / 1.182, 4 1.116 / 1.280; class launch capped
     # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
-    flash_regs = 128 if multi else None  # v15: bf16 96 (a single query block)
+    flash_regs = 128 if multi else None  # bf16's (v15: 96, a single query block); fp32's below
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
     # and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960). bf16's (2 warps, 128

@@ -98,7 +98,8 @@ def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL
 def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr,
                 PV_ORDER: tl.constexpr = False):
     """One key block of the online softmax (``_flash_rows``): ``MASK`` = whether some of its rows lie past the
-    DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score."""
+    DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score.
+    ``PV_ORDER``: ``vb``'s rows came in ``_pv_order`` (``_kv_block``), and P's columns are put in that order too."""
     sb = _mm(qb, tl.trans(kb), PREC)
     if MASK:
         sb = tl.where(km[None, :], sb, float("-inf"))

@@ -65,7 +65,7 @@ class GraphedDomForward:
     """Replays ``model`` (a ``DOMAggregator`` with backend 'dom_fused') forward from one CUDA graph per bucket.
     ``attention_config``: dom_fused config keys for the captured attention (``dom_fused._default_config``).
     ``steps_per_octave``: the bucket spacing (``bucket_for``; 4: a 1,030-pulse batch replays a 1,280-row graph
-    instead of a 2,048-row one, fp32 33.3 -> 29.1 µs per replay, run 72). ``fused_projection``: the two input
+    instead of a 2,048-row one, fp32 33.5 -> 29.4 µs per replay, run 73). ``fused_projection``: the two input
     projections as one Triton launch (``fused_projection.fused_qkv``) instead of two cuBLAS GEMMs; "auto" =
     wherever it applies."""
 

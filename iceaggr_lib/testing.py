@@ -13,6 +13,17 @@ import torch
 from iceaggr_lib.collate import N_PULSE_FEATURES, DomBatch
 
 
+def triton_kernel_device() -> str | None:
+    """Where the Triton kernels (dom_fused, fused_projection) can be tested here: "cuda" on a GPU, "cpu" through
+    Triton's interpreter (triton installed and ``TRITON_INTERPRET=1``), else None (the CI venv has no triton)."""
+    import os
+
+    from iceaggr_lib.backends.triton_launch import HAVE_TRITON
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
 def batch_from_dom_sizes(dom_sizes, doms_per_event: int | None = None, seed: int = 0) -> DomBatch:
     """A DomBatch whose DOMs have the given pulse counts, in order, with random features.
 

@@ -6,23 +6,16 @@ Each case draws fresh random q, k, v and a random output gradient. The kernels w
 torch.empty buffers and every output / gradient row is compared, so an unwritten row fails.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from iceaggr_lib.backends import UnsupportedError, dom_attention, get_backend
 from iceaggr_lib.backends import dom_classes, dom_fused
-from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, rel_err
+from iceaggr_lib.testing import (TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, rel_err,
+                                 triton_kernel_device)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif dom_fused.HAVE_TRITON and INTERPRET:
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = triton_kernel_device()
 
 needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

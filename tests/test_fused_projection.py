@@ -4,21 +4,14 @@ Runs on CUDA, or on a CPU machine through Triton's interpreter (triton installed
 otherwise (the CI venv has no triton). bf16 on CUDA only, as in test_dom_fused.py.
 """
 
-import os
-
 import pytest
 import torch
 
 from iceaggr_lib import fused_projection
 from iceaggr_lib.model import DOMAggregator
-from iceaggr_lib.testing import TOLERANCE, rel_err
+from iceaggr_lib.testing import TOLERANCE, rel_err, triton_kernel_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif fused_projection.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = triton_kernel_device()
 
 needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -148,10 +148,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
     flash_regs = 128 if multi else None  # bf16's (v15: 96, a single query block); fp32's below
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
-    # programs per SM; capped at 96 (ptxas: no spills) its tiles take 142 instead of 171 µs (profiler, one stream)
-    # and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960). bf16's (2 warps, 128
-    # registers): 96 or 112 change nothing (0.423 / 0.429 / 0.425 ms), so it stays uncapped.
-    if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (2e-7 measured), 2.1-2.9x faster than "ieee"
+    # programs per SM; capped at 96 (ptxas spills 160 B; 68 B after v18) its tiles take 142 instead of 171 µs
+    # (profiler, one stream) and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960).
+    # bf16's (2 warps, 128 registers): 96 or 112 change nothing (0.423 / 0.429 / 0.425 ms), so it stays uncapped.
+    if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (<= 4.4e-7, grid), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                    block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,

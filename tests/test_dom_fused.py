@@ -173,15 +173,27 @@ def test_size_classes_plan():
         assert dom_fused.forward_roles(plan, 500_000, 8) == []
         assert dom_fused._resolve(dtype, 16, 8, 100_000).size_classes == 0  # merged below 400k pulses
         assert dom_fused._resolve(dtype, 16, 8, 100_000).large_list is False
-        assert dom_fused._resolve(dtype, 128, 1, 500_000).size_classes == 0
         assert dom_fused._resolve(dtype, 128, 1, 500_000).flash_regs is None
         assert dom_fused._resolve(dtype, 16, 8, 500_000, backward=True).size_classes == 0
+        assert dom_fused._resolve(dtype, 16, 8, 500_000).flash_precision == plan.precision  # 16-dim heads: tf32x3
+    assert dom_fused._resolve(torch.bfloat16, 128, 1, 500_000).size_classes == 0
+    # one fp32 head (v19): from 400k pulses size classes of <= 16 (2 warps) and the listed flash launch with one loop
+    # body and f16x3 dots; merged below (and in a training forward, which _forward asks for merged=True)
+    plan = dom_fused._resolve(torch.float32, 128, 1, 500_000)
+    assert (plan.merged, plan.size_classes, plan.large_list, plan.class_warps, plan.full_blocks, plan.query_pairs,
+            plan.flash_precision) == (False, 16, True, 2, False, False, "f16x3")
+    assert dom_fused.forward_roles(plan, 500_000, 1) == []
+    for kw in (dict(n_pulses=100_000), dict(n_pulses=500_000, merged=True)):
+        kw = dict(dict(dtype=torch.float32, head_dim=128, n_heads=1), **kw)
+        assert (dom_fused._resolve(**kw).merged, dom_fused._resolve(**kw).size_classes) == (True, 0)
+    assert dom_fused._resolve(torch.float32, 128, 1, 500_000, backward=True).size_classes == 0
+    assert dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_precision="tf32x3").flash_precision == "tf32x3"
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).class_warps == 2
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
                 dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True),
-                dict(flash_query_pairs=1)):
+                dict(flash_query_pairs=1), dict(flash_precision="fp16")):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
     with pytest.raises(ValueError, match="power of two"):
@@ -372,6 +384,32 @@ def test_random_sizes_fp32(config):
     check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3, **config)
 
 
+@needs_kernel
+@pytest.mark.parametrize("scales", [(1e5, 1e-5, 1e5), (1e-9, 1e9, 1e-9), (1e-3, 1e3, 6e4)],
+                         ids=["large_q_v", "tiny_q_v", "mixed"])
+@pytest.mark.parametrize("config", [dict(merged=True), dict(merged=False, size_classes=16, large_list=True)],
+                         ids=["merged", "listed"])
+def test_f16x3_flash_any_magnitude(scales, config):
+    """The f16x3 flash loop (``tile_math._mm16``) scales q, k, v by powers of two into fp16's range (per query
+    block, per DOM), so inputs far outside it (|x| up to 1e9, fp16's largest is 65504) or far below it (1e-9, below
+    fp16's smallest subnormal) keep fp32's tolerance, forward and gradients; the flash loops (DOMs of 17-100 pulses)
+    as the merged launch does them and as the listed launch does them. q and k are scaled inversely, so the scores
+    stay O(1): scores of 1e4 and more make fp32 gradients ill-conditioned in any kernel (the backward recomputes
+    exp2(s - lse) from two numbers of that size)."""
+    sizes = [1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65]
+    batch = batch_from_dom_sizes(sizes, seed=4).to(DEVICE)
+    q, k, v = (t.detach() * s for t, s in zip(random_qkv(batch.n_pulses, 2, 32, device=DEVICE, seed=4), scales))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+    def attend(q, k, v):
+        return dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                             32 ** -0.5, flash_precision="f16x3", levels=(8, 16), block=16, **config)
+
+    grad = torch.randn((batch.n_doms, 2, 32), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    errs = reference_errors(attend, batch, q, k, v, grad, 32 ** -0.5)
+    assert max(errs) <= TOLERANCE[torch.float32], f"rel errs out/dq/dk/dv = {errs} for scales {scales}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_heads,head_dim", [(1, 128), (8, 16)])
@@ -384,6 +422,11 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
     if dtype == torch.float32:  # both fp32 precisions, whichever the default is (errors near 1e-5 would show here)
         for precision in ("tf32x3", "tf32x3_mask"):
             check_against_reference(sizes, n_heads, head_dim, dtype, seed=9, precision=precision)
+        # the flash loops' other precision (f16x3 with one 128-dim head, tf32x3_mask with 16-dim heads)
+        other = "tf32x3_mask" if dom_fused._resolve(dtype, head_dim, n_heads, 1).flash_precision == "f16x3" else "f16x3"
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=11, flash_precision=other)
+    if dtype == torch.float32 and n_heads == 1:  # the plan of >= 400k pulses (v19: size classes, listed large DOMs)
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=12, merge_below_pulses=0)
     if n_heads > 1:  # the other head layout, whichever the default is
         default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)
@@ -459,11 +502,12 @@ def test_two_streams_match_one_cuda():
 
 
 def test_launch_plan_merges_small_bf16_batches():
-    """bf16 forward: one launch below merge_below_pulses (host-bound), two above; fp32 always one."""
+    """bf16 forward: one launch below merge_below_pulses (host-bound), two above; fp32 one below 400k pulses, and
+    with one head above it too in a training step (v19)."""
     merged = lambda dtype, heads, n, **cfg: dom_fused._resolve(dtype, 128 // heads, heads, n, **cfg).merged
     assert merged(torch.bfloat16, 1, 10_000) and not merged(torch.bfloat16, 1, 200_000)
     assert merged(torch.bfloat16, 8, 300_000) and not merged(torch.bfloat16, 8, 600_000)
-    assert merged(torch.float32, 1, 10**6) and merged(torch.float32, 8, 10)
+    assert merged(torch.float32, 1, 399_999) and not merged(torch.float32, 1, 10**6) and merged(torch.float32, 8, 10)
     assert not merged(torch.bfloat16, 1, 10, merged=False) and merged(torch.bfloat16, 1, 10**6, merged=True)
     with pytest.raises(ValueError, match="merged"):
         merged(torch.bfloat16, 1, 10, merged="sometimes")

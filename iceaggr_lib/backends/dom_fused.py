@@ -109,6 +109,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     (``tile_math._flash_rows``); ``flash_max_registers``: its register cap per thread (None: ptxas' choice).
     ``class_max_registers``: the class launch's register cap per thread (None: ptxas' choice).
     ``flash_query_pairs``: the listed flash launch takes a DOM's query blocks two at a time (``tile_math._flash_dom``).
+    ``flash_precision`` (forward): the fp32 dots of the flash loops (the DOMs above the tiles): "f16x3" (the fp32
+    default since v19) = three fp16 tensor-core passes on operands split into two fp16 halves, scaled per DOM and
+    query block by powers of two (``tile_math._mm16``): the same 22 bits as tf32x3 at half the mma instructions
+    and registers; or one of ``precision``'s values (bf16's default, None, = its ``precision``).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -151,16 +155,25 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # programs per SM; capped at 96 (ptxas spills 160 B; 68 B after v18) its tiles take 142 instead of 171 µs
     # (profiler, one stream) and the forward 0.954 instead of 0.984 ms (do_bench, two streams; 112: 0.960).
     # bf16's (2 warps, 128 registers): 96 or 112 change nothing (0.423 / 0.429 / 0.425 ms), so it stays uncapped.
+    # v19, one 128-dim head in fp32 (runs 88-92, do_bench forward at 4,096 events, batches 1 / 0 of the grid): from
+    # 400k pulses (merged "auto"), size classes of <= 16 pulses (2 warps) and the listed flash launch for the rest
+    # (largest first; without flash_full_blocks, whose two loop bodies spill at DH = 128), its dots as f16x3
+    # (tile_math._mm16): 1.769 / 1.203 -> 1.369 / 0.923 ms (tf32x3 in that launch: 1.401 / 0.933; size classes of
+    # <= 32: 1.430 / 0.988). A training forward keeps the merged launch (_forward: size classes there were slower,
+    # v14). The flash loops alone (large DOMs of batch 0 sorted largest first, one program each): tf32x3 0.645 ms,
+    # f16x3 0.563 (window order: 0.900 / 0.767). With 16-dim heads f16x3 gains nothing measurable (1.169 vs 1.184
+    # ms, one call; 1.250 vs 1.184 in another), so 8x16 keeps tf32x3_mask, whose grid part was measured.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (<= 4.4e-7, grid), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
                    block=32, bwd_block=32, num_stages=None, bwd_num_stages=None, large_num_stages=None,
-                   head_batch="auto", precision="tf32x3_mask", merged="auto" if multi else True,
-                   merge_below_pulses=400_000 if multi else 0, head_loop=multi,
+                   head_batch="auto", precision="tf32x3_mask", merged="auto",
+                   merge_below_pulses=400_000, head_loop=multi,
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
-                   narrow=True, size_classes="auto", class_num_warps=4, large_list="auto",
-                   flash_full_blocks=True, flash_max_registers=168 if multi else None,
-                   class_max_registers=96 if multi else None, flash_query_pairs=multi)
+                   narrow=True, size_classes="auto", class_num_warps=4 if multi else 2, large_list="auto",
+                   flash_full_blocks=multi, flash_max_registers=168 if multi else None,
+                   class_max_registers=96 if multi else None, flash_query_pairs=multi,
+                   flash_precision="f16x3" if head_dim >= 64 else None)
         return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else cfg
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -175,7 +188,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
-               class_max_registers=None, flash_query_pairs=multi)
+               class_max_registers=None, flash_query_pairs=multi, flash_precision=None)
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -203,6 +216,7 @@ class Plan(NamedTuple):
     flash_regs: int | None = None  # and its register cap per thread (None: ptxas' choice)
     class_regs: int | None = None  # the class launch's register cap per thread
     query_pairs: bool = False  # the listed flash launch: query blocks two at a time
+    flash_precision: str = "ieee"  # the forward's flash loops' dots (resolved: never None)
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -223,10 +237,13 @@ def _resolved(dtype, head_dim, n_heads, backward, items, below_merge) -> Plan:
         plan = plan._replace(merged=below_merge)
     if plan.split_flash == "auto":  # several heads, two launches of tiles (not merged), a forward
         plan = plan._replace(split_flash=n_heads > 1 and bool(plan.t_small) and not plan.merged and not backward)
-    if plan.size_classes == "auto":  # where the flash loops are a launch of their own: the DOMs <= T_small
-        plan = plan._replace(size_classes=plan.t_small if plan.split_flash else 0)
-    if plan.large_list == "auto":  # and there the DOMs above them listed for the flash launch
-        plan = plan._replace(large_list=plan.split_flash and bool(plan.size_classes))
+    # where the flash loops are a launch of their own (several heads), or one fp32 head's tiles are not merged
+    # (from merge_below_pulses): the DOMs <= T_small in size classes, the rest listed for one flash launch (v19)
+    classes = plan.split_flash or (n_heads == 1 and dtype == torch.float32 and not plan.merged and not backward)
+    if plan.size_classes == "auto":
+        plan = plan._replace(size_classes=plan.t_small if classes else 0)
+    if plan.large_list == "auto":
+        plan = plan._replace(large_list=classes and bool(plan.size_classes))
     elif plan.large_list and not plan.size_classes:
         raise ValueError("dom_fused: large_list=True needs size_classes (the DOMs above it are the listed ones), "
                          "got size_classes 0 (resolved)")
@@ -269,6 +286,10 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError("dom_fused: split_flash needs two tile levels")
     if cfg["precision"] not in ("tf32x3_mask", "tf32x3", "tf32", "ieee"):
         raise ValueError(f"dom_fused: precision must be 'tf32x3_mask', 'tf32x3', 'tf32' or 'ieee', got {cfg['precision']!r}")
+    flash_precision = cfg["flash_precision"] or cfg["precision"]
+    if flash_precision not in ("f16x3", "tf32x3_mask", "tf32x3", "tf32", "ieee"):
+        raise ValueError("dom_fused: flash_precision must be None, 'f16x3', 'tf32x3_mask', 'tf32x3', 'tf32' or 'ieee', "
+                         f"got {cfg['flash_precision']!r}")
     for key in ("flash_num_warps", "big_num_warps"):
         if cfg[key] is not None and cfg[key] not in (1, 2, 4, 8, 16):
             raise ValueError(f"dom_fused: {key} must be None or a power of two <= 16, got {cfg[key]!r}")
@@ -301,7 +322,7 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
                 cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
-                cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"])
+                cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"], flash_precision)
     return plan, cfg["merge_below_pulses"]
 
 
@@ -458,13 +479,14 @@ if HAVE_TRITON:
                    LO: tl.constexpr, T: tl.constexpr, HAS_LARGE: tl.constexpr, DH: tl.constexpr,
                    BL: tl.constexpr, PREC: tl.constexpr, NHL: tl.constexpr, HB: tl.constexpr = False,
                    HAS_TILE: tl.constexpr = True, NARROW: tl.constexpr = False, SV=None, NH: tl.constexpr = 1,
-                   SAVE: tl.constexpr = False):
+                   SAVE: tl.constexpr = False, FPREC: tl.constexpr = None):
         """Window ``win``, heads ``h0 .. h0+NHL-1``: the index loads and masks are shared by the heads.
         ``HB``: the heads as the batch axis of 3-D dots (``_fwd_tile_heads``) instead of a loop over them.
         ``HAS_TILE`` / ``HAS_LARGE``: whether this program does its window's tile / its large DOM. ``NARROW``: a
         window whose owned rows span at most T rows gets a T x T tile from its first owned row (``_narrow_start``).
         ``SAVE`` (a training step's forward): the large DOM's per-row outputs O and log-sum-exp go to ``SV``
-        (``_saved_rows``: (N, NH, DH + 2) fp32), for the backward's pass 1."""
+        (``_saved_rows``: (N, NH, DH + 2) fp32), for the backward's pass 1. ``FPREC``: the flash loop's dots
+        (the plan's ``flash_precision``)."""
         w0, d_lo, d_hi = _window(DOM, CU, N, win, T)
 
         # ---- small DOMs: one masked tile, T rows from the first owned row when they fit, else 2T from w0 -------
@@ -490,7 +512,7 @@ if HAVE_TRITON:
             if (d_hi > d_lo) & (n_big > T):
                 for hh in range(NHL):  # heads one after another (NHL > 1 only for single-level plans)
                     _flash_dom(Q, K, V, OUT, SV, CU, d_big, n_big, h0 + hh, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d,
-                               so_h, qk_scale, NH, DH, BL, PREC, SAVE)
+                               so_h, qk_scale, NH, DH, BL, FPREC, SAVE)
 
     @triton.jit
     def _bwd_tile(Q, K, V, G, DQ, DK, DV, rows64, dom_r, cnt_r, own, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h,
@@ -680,7 +702,7 @@ if HAVE_TRITON:
                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr,
-                    HB: tl.constexpr, NARROW: tl.constexpr, SAVE: tl.constexpr = False):
+                    HB: tl.constexpr, NARROW: tl.constexpr, SAVE: tl.constexpr = False, FPREC: tl.constexpr = None):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
@@ -690,15 +712,16 @@ if HAVE_TRITON:
         the big windows' two jobs apart: ROLE 4 their tiles (SNHL heads per program, like the small role) and
         ROLE 3 their large DOMs' flash loops (one head per program), so each compiles to its own register
         and shared-memory budget instead of the larger of the two. ``NARROW``: see ``_narrow_start``. ``SAVE``:
-        the flash loops leave O and log-sum-exp of the large DOMs' rows in ``SV`` (``_fwd_level``)."""
+        the flash loops leave O and log-sum-exp of the large DOMs' rows in ``SV`` (``_fwd_level``). ``FPREC``: the
+        flash loops' dots."""
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
-                       0, T_BIG, True, DH, BL, PREC, SNHL, HB, True, NARROW, SV=SV, NH=NH, SAVE=SAVE)
+                       0, T_BIG, True, DH, BL, PREC, SNHL, HB, True, NARROW, SV=SV, NH=NH, SAVE=SAVE, FPREC=FPREC)
         elif ROLE == 3:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // NH, tl.program_id(0) % NH, T_SMALL, T_BIG, True, DH, BL, PREC, 1,
-                       False, False, SV=SV, NH=NH, SAVE=SAVE)
+                       False, False, SV=SV, NH=NH, SAVE=SAVE, FPREC=FPREC)
         elif ROLE == 4:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
@@ -708,7 +731,7 @@ if HAVE_TRITON:
             if big:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                            win, h, T_SMALL, T_BIG, True, DH, BL, PREC, 1, False, True, NARROW, SV=SV, NH=NH,
-                           SAVE=SAVE)
+                           SAVE=SAVE, FPREC=FPREC)
             else:
                 _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                            win, h, 0, T_SMALL, False, DH, BL, PREC, SNHL, HB, True, NARROW)
@@ -806,6 +829,8 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     config = dict(config)
     config.pop("save_forward", None)  # (read by DomFusedAttention.forward)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
+    if autograd and q.dtype == torch.float32 and q.shape[1] == 1:  # a training step: the merged launch (v19 note)
+        config.setdefault("merged", True)
     concurrent, _ = (_side_stream(config.pop(key, "auto"), q, autograd) for key in ("concurrent", "bwd_concurrent"))
     plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
     (warps, stages), _ = plan.warps
@@ -819,7 +844,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
             k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
     spec = _FWD.specialize(args)
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
-                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save)
+                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save, FPREC=plan.flash_precision)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
                   4: plan.big_warps or warps}  # role 0: merged or single-level; 2, the small windows: num_warps
@@ -834,7 +859,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     if plan.large_list:  # listed here, before the fork: the flash launch reads the lists
         list_large(dom_counts, n, plan.size_classes, buffers)
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
-                                              plan.size_classes, buffers, plan.precision, plan.flash_block,
+                                              plan.size_classes, buffers, plan.flash_precision, plan.flash_block,
                                               plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
                                               plan.flash_regs, plan.query_pairs))
     if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles

@@ -1,5 +1,5 @@
 """Triton helpers shared by dom_fused's kernels (``dom_fused``, ``dom_classes``): fp32 dots as three tf32
-passes, the "same DOM" mask of a packed tile, the masked softmax, and the flash loop of one large DOM and head
+passes (or, in the flash loop, three fp16 passes: ``_split16``), the "same DOM" mask of a packed tile, the masked softmax, and the flash loop of one large DOM and head
 (``_flash_dom``: online softmax over key blocks, fused with the mean pool). Imported only where triton is."""
 
 import triton
@@ -31,6 +31,37 @@ def _mm(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _pow2_scale(m):
+    """The power of two that brings ``m`` >= 0 (an fp32 scalar, a max of |x|) into [2^14, 2^15), i.e. below fp16's
+    largest value 65504 with a factor 2 to spare, clamped to 2^-100 .. 2^100 (m = 0, subnormal or inf): built
+    from m's exponent bits, so that scaling by it (and by its inverse) is exact."""
+    e = ((m.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)  # m's biased exponent
+    b = tl.minimum(tl.maximum(127 + 14 + 127 - e, 27), 227)
+    return (b.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split16(x):
+    """fp32 ``x``, scaled so that its block's largest |x| lies in [2^14, 2^15) (``_pow2_scale``), as two fp16
+    halves: hi = x rounded to fp16 (11 significant bits), lo = x - hi (exact in fp32) rounded to fp16 (the next 11
+    bits). lo stays clear of fp16's subnormals (below 2^-14) for every |x| above 2^-3, i.e. down to 2^-17 of the
+    block's largest; what smaller elements lose is below 2^-38 of it. x = hi + lo to 22 bits, like tf32x3's halves."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _mm16(a_hi, a_lo, b_hi, b_lo):
+    """a @ b from their ``_split16`` halves: a_hi b_lo + a_lo b_hi + a_hi b_hi, three fp16 tensor-core dots with
+    fp32 accumulation (products of 11-bit halves are exact in fp32; the dropped a_lo b_lo is below 2^-22 of a b).
+    An fp16 mma (m16n8k16) does twice the products of a tf32 one (m16n8k8) per instruction, takes half the
+    registers per operand, and its A operand layout is the accumulator's, so P needs no ``_pv_order``."""
+    acc = tl.dot(a_hi, b_lo)
+    acc = tl.dot(a_lo, b_hi, acc)
+    return tl.dot(a_hi, b_hi, acc)
 
 
 @triton.jit
@@ -96,34 +127,61 @@ def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL
 
 @triton.jit
 def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr,
-                PV_ORDER: tl.constexpr = False):
+                PV_ORDER: tl.constexpr = False, q_lo=None, k_scale=1.0, v_scale=1.0):
     """One key block of the online softmax (``_flash_rows``): ``MASK`` = whether some of its rows lie past the
     DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score.
-    ``PV_ORDER``: ``vb``'s rows came in ``_pv_order`` (``_kv_block``), and P's columns are put in that order too."""
-    sb = _mm(qb, tl.trans(kb), PREC)
+    ``PV_ORDER``: ``vb``'s rows came in ``_pv_order`` (``_kv_block``), and P's columns are put in that order too.
+    ``PREC`` "f16x3" (fp32 inputs): ``qb`` / ``q_lo`` are q's ``_split16`` halves, k and v are scaled by
+    ``k_scale`` / ``v_scale`` and split here, P is made 2^14 times larger inside its exponent (free: the row's
+    subtrahend takes it) so that it fills fp16's range too; the scores, P, the row sum and ``acc`` come out in scaled
+    units (``_flash_rows`` folds the scales into ``qk_scale`` and its row max; the caller divides acc by v_scale)."""
+    F16: tl.constexpr = PREC == "f16x3" and kb.dtype == tl.float32
+    if F16:
+        k_hi, k_lo = _split16(kb * k_scale)
+        sb = _mm16(qb, q_lo, tl.trans(k_hi), tl.trans(k_lo))
+    else:
+        sb = _mm(qb, tl.trans(kb), PREC)
     if MASK:
         sb = tl.where(km[None, :], sb, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sb, axis=1))
     alpha = tl.exp2((m_i - m_new) * qk_scale)
-    pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
+    if F16:  # P * 2^14 (and the row sum with it: o = acc / l does not change)
+        pb = tl.exp2(sb * qk_scale - (m_new * qk_scale - 14.0)[:, None])
+    else:
+        pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
     l_i = l_i * alpha + tl.sum(pb, axis=1)
     if PV_ORDER:  # P's columns in v's row order (_pv_order): 2t + e -> t + 4e within each group of 8
         R: tl.constexpr = pb.shape[0]
         BL: tl.constexpr = pb.shape[1]
         pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
-    acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
+    if F16:
+        v_hi, v_lo = _split16(vb * v_scale)
+        p_hi, p_lo = _split16(pb)
+        acc = acc * alpha[:, None] + _mm16(p_hi, p_lo, v_hi, v_lo)
+    else:
+        acc = acc * alpha[:, None] + _mm(pb.to(vb.dtype), vb, PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False):
+                DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False,
+                k_scale=1.0, v_scale=1.0):
     """Online softmax of the query block ``qb`` (R x DH, R = BL or a multiple) over the n_d keys of one DOM starting
     at row s0: (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
     kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
     the blocks wholly inside the DOM skip the end-of-DOM mask, only the last partial block applies it. fp32 dots
-    (tf32 passes) take P's columns and v's rows in ``_pv_order``."""
-    PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee"
+    (tf32 passes) take P's columns and v's rows in ``_pv_order``. ``PREC`` "f16x3" with fp32 inputs: q is scaled by
+    a power of two of its own and split once (``_split16``), k and v by the DOM's ``k_scale`` / ``v_scale``
+    (``_flash_dom``) in ``_flash_step``; P @ V comes back in units of v_scale, and the row max 14 lower (P and the
+    row sum are 2^14 times larger: ``_flash_step``), so that the log-sum-exp, row max + log2(row sum), is right."""
+    F16: tl.constexpr = PREC == "f16x3" and V.dtype.element_ty == tl.float32
+    PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee" and not F16
+    q_lo = None
+    if F16:  # scores in units of q_scale * k_scale: the exponents' scale takes them back
+        q_scale = _pow2_scale(tl.max(tl.max(tl.abs(qb), axis=1), axis=0))
+        qb, q_lo = _split16(qb * q_scale)
+        qk_scale = qk_scale / (q_scale * k_scale)
     m_i = tl.full([qb.shape[0]], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([qb.shape[0]], dtype=tl.float32)
     acc = tl.zeros([qb.shape[0], DH], dtype=tl.float32)
@@ -131,21 +189,26 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
         n_full = n_d - n_d % BL
         for ks in range(0, n_full, BL):
             km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, False, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, False, PV_ORDER, q_lo,
+                                        k_scale, v_scale)
         if n_full < n_d:
             km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER, q_lo,
+                                        k_scale, v_scale)
     else:
         for ks in range(0, n_d, BL):
             km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
-            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER)
+            m_i, l_i, acc = _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC, True, PV_ORDER, q_lo,
+                                        k_scale, v_scale)
+    if F16:
+        return m_i * qk_scale - 14.0, l_i, acc
     return m_i * qk_scale, l_i, acc
 
 
 @triton.jit
 def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                       DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                      FULL: tl.constexpr):
+                      FULL: tl.constexpr, k_scale=1.0, v_scale=1.0):
     """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h, over all its keys
     (``_flash_rows``): the sum of their outputs (DH,), for the mean pool; ``SAVE``: O and log-sum-exp of the rows
     to ``SV`` too."""
@@ -154,8 +217,9 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     qm = (qs + rows) < n_d
     qr = s0 + qs + rows
     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-    m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL)
-    o = acc / l_i[:, None]
+    m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL,
+                                k_scale, v_scale)
+    o = acc / (l_i * v_scale)[:, None]
     if SAVE:
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
         tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
@@ -172,18 +236,32 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
     to ``SV`` (``_saved_rows``), for the backward's pass 1. ``PAIR``: query blocks two at a time (2 BL rows against
     each key block of BL rows while at least two blocks are left, then one at a time): each key block is loaded
-    once for both, and the two blocks' softmax chains are independent, so one issues while the other waits."""
+    once for both, and the two blocks' softmax chains are independent, so one issues while the other waits.
+    ``PREC`` "f16x3" (fp32 inputs): a first sweep over the DOM's key blocks finds max |k| and max |v|, whose
+    ``_pow2_scale`` brings the DOM's k and v into fp16's range for the loops' ``_split16`` (any magnitude of input
+    works; the sweep reads k and v once more, against the ceil(n_d / BL) times the loops read them)."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
     pooled_acc = tl.zeros([DH], dtype=tl.float32)
+    k_scale = tl.full([], 1.0, tl.float32)
+    v_scale = tl.full([], 1.0, tl.float32)
+    if PREC == "f16x3" and K.dtype.element_ty == tl.float32:
+        k_max = tl.zeros([BL, DH], tl.float32)  # elementwise over the blocks, reduced once after them
+        v_max = tl.zeros([BL, DH], tl.float32)
+        for ks in range(0, n_d, BL):
+            _, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
+            k_max = tl.maximum(k_max, tl.abs(kb))
+            v_max = tl.maximum(v_max, tl.abs(vb))
+        k_scale = _pow2_scale(tl.max(tl.max(k_max, axis=1), axis=0))
+        v_scale = _pow2_scale(tl.max(tl.max(v_max, axis=1), axis=0))
     start = 0
     if PAIR:
         start = n_d - n_d % (2 * BL)
         for qs in range(0, start, 2 * BL):
             pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL)
+                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale)
     for qs in range(start, n_d, BL):
         pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                                        NH, DH, BL, BL, PREC, SAVE, FULL)
+                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale)
     tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
              (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

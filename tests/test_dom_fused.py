@@ -188,6 +188,7 @@ def test_size_classes_plan():
         assert (dom_fused._resolve(**kw).merged, dom_fused._resolve(**kw).size_classes) == (True, 0)
     assert dom_fused._resolve(torch.float32, 128, 1, 500_000, backward=True).size_classes == 0
     assert dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_precision="tf32x3").flash_precision == "tf32x3"
+    assert dom_fused._resolve(torch.bfloat16, 128, 1, 500_000, flash_precision="f16x3").flash_precision == "ieee"
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).class_warps == 2
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).class_warps == 4
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),

@@ -112,7 +112,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     ``flash_precision`` (forward): the fp32 dots of the flash loops (the DOMs above the tiles): "f16x3" (the fp32
     default since v19) = three fp16 tensor-core passes on operands split into two fp16 halves, scaled per DOM and
     query block by powers of two (``tile_math._mm16``): the same 22 bits as tf32x3 at half the mma instructions
-    and registers; or one of ``precision``'s values (bf16's default, None, = its ``precision``).
+    and registers; or one of ``precision``'s values (bf16's default, None, = its ``precision``; "f16x3" with 16-bit
+    inputs is their ``precision`` too).
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -290,6 +291,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     if flash_precision not in ("f16x3", "tf32x3_mask", "tf32x3", "tf32", "ieee"):
         raise ValueError("dom_fused: flash_precision must be None, 'f16x3', 'tf32x3_mask', 'tf32x3', 'tf32' or 'ieee', "
                          f"got {cfg['flash_precision']!r}")
+    if flash_precision == "f16x3" and dtype != torch.float32:  # 16-bit inputs go to the tensor cores as they are
+        flash_precision = cfg["precision"]
     for key in ("flash_num_warps", "big_num_warps"):
         if cfg[key] is not None and cfg[key] not in (1, 2, 4, 8, 16):
             raise ValueError(f"dom_fused: {key} must be None or a power of two <= 16, got {cfg[key]!r}")

@@ -1,6 +1,7 @@
 """Triton helpers shared by dom_fused's kernels (``dom_fused``, ``dom_classes``): fp32 dots as three tf32
-passes (or, in the flash loop, three fp16 passes: ``_split16``), the "same DOM" mask of a packed tile, the masked softmax, and the flash loop of one large DOM and head
-(``_flash_dom``: online softmax over key blocks, fused with the mean pool). Imported only where triton is."""
+passes (``_mm``) or, in the flash loops, three fp16 passes (``_split16``, ``_mm16``), the "same DOM" mask of a
+packed tile, the masked softmax, and the flash loop of one large DOM and head (``_flash_dom``: online softmax over
+key blocks, fused with the mean pool). Imported only where triton is."""
 
 import triton
 import triton.language as tl

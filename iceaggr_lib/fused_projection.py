@@ -76,6 +76,8 @@ def fused_qkv(x: torch.Tensor, embed: torch.nn.Linear, qkv: torch.nn.Linear, pre
     if not supports(embed, qkv):
         raise ValueError(f"fused_qkv: layers not supported (triton {HAVE_TRITON}, {embed} then {qkv}, dtype "
                          f"{qkv.weight.dtype}; see fused_projection.supports)")
+    if x.device != qkv.weight.device:
+        raise ValueError(f"fused_qkv: x is on {x.device}, the layers on {qkv.weight.device}")
     n, f = x.shape
     if f != embed.in_features:
         raise ValueError(f"fused_qkv: x has {f} features, pulse_embed takes {embed.in_features}")

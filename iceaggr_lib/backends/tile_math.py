@@ -38,7 +38,8 @@ def _mm(a, b, PREC: tl.constexpr):
 def _pow2_scale(m):
     """The power of two that brings ``m`` >= 0 (an fp32 scalar, a max of |x|) into [2^14, 2^15), i.e. below fp16's
     largest value 65504 with a factor 2 to spare, clamped to 2^-100 .. 2^100 (m = 0, subnormal or inf): built
-    from m's exponent bits, so that scaling by it (and by its inverse) is exact."""
+    from m's exponent bits, so that scaling by it (and by its inverse) is exact. The clamp leaves |x| above 2^115
+    (4e34) out of fp16's range after scaling: such inputs come out inf or NaN."""
     e = ((m.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)  # m's biased exponent
     b = tl.minimum(tl.maximum(127 + 14 + 127 - e, 27), 227)
     return (b.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
@@ -48,8 +49,8 @@ def _pow2_scale(m):
 def _split16(x):
     """fp32 ``x``, scaled so that its block's largest |x| lies in [2^14, 2^15) (``_pow2_scale``), as two fp16
     halves: hi = x rounded to fp16 (11 significant bits), lo = x - hi (exact in fp32) rounded to fp16 (the next 11
-    bits). lo stays clear of fp16's subnormals (below 2^-14) for every |x| above 2^-3, i.e. down to 2^-17 of the
-    block's largest; what smaller elements lose is below 2^-38 of it. x = hi + lo to 22 bits, like tf32x3's halves."""
+    bits). lo's rounding error is at most 2^-23 |x|, or 2^-25 where lo falls among fp16's subnormals (below 2^-14),
+    i.e. below 2^-39 of the block's largest |x|: x = hi + lo to 22 bits, like tf32x3's two halves."""
     hi = x.to(tl.float16)
     return hi, (x - hi.to(tl.float32)).to(tl.float16)
 

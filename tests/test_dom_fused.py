@@ -182,10 +182,19 @@ def test_size_classes_plan():
         assert dom_fused._resolve(dtype, 16, 8, 500_000).flash_precision == plan.precision  # 16-dim heads: tf32x3
     assert dom_fused._resolve(torch.bfloat16, 128, 1, 500_000).size_classes == 0
     # one fp32 head (v19): from 400k pulses size classes of <= 16 (2 warps) and the listed flash launch with one loop
-    # body and f16x3 dots; merged below (and in a training forward, which _forward asks for merged=True)
+    # body and f16x3 dots; merged below (and in a training forward, which _forward asks for merged=True); v20: that
+    # launch with k, v split once per DOM, query-block pairs and 2 stages
     plan = dom_fused._resolve(torch.float32, 128, 1, 500_000)
     assert (plan.merged, plan.size_classes, plan.large_list, plan.class_warps, plan.full_blocks, plan.query_pairs,
-            plan.flash_precision) == (False, 16, True, 2, False, False, "f16x3")
+            plan.flash_precision, plan.presplit, plan.flash_stages) == (False, 16, True, 2, False, True, "f16x3", True, 2)
+    # the split halves are f16x3's only (bf16, 16-dim heads' tf32x3_mask: off; asked for there: an error)
+    assert dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_presplit=False).presplit is False
+    assert dom_fused._resolve(torch.float32, 128, 1, 500_000, backward=True, flash_presplit=True).presplit is False
+    for dtype, heads, dh in ((torch.bfloat16, 1, 128), (torch.float32, 8, 16), (torch.float32, 1, 128)):
+        n = 100_000 if dh == 128 and dtype == torch.float32 else 500_000  # (the last: merged, no listed launch)
+        assert dom_fused._resolve(dtype, dh, heads, n).presplit is False
+        with pytest.raises(ValueError, match="flash_presplit=True needs"):
+            dom_fused._resolve(dtype, dh, heads, n, flash_presplit=True)
     assert dom_fused.forward_roles(plan, 500_000, 1) == []
     for kw in (dict(n_pulses=100_000), dict(n_pulses=500_000, merged=True)):
         kw = dict(dict(dtype=torch.float32, head_dim=128, n_heads=1), **kw)
@@ -198,7 +207,7 @@ def test_size_classes_plan():
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
                 dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True),
-                dict(flash_query_pairs=1), dict(flash_precision="fp16")):
+                dict(flash_query_pairs=1), dict(flash_precision="fp16"), dict(flash_presplit="yes")):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
     with pytest.raises(ValueError, match="power of two"):
@@ -392,13 +401,15 @@ def test_random_sizes_fp32(config):
 @needs_kernel
 @pytest.mark.parametrize("scales", [(1e5, 1e-5, 1e5), (1e-9, 1e9, 1e-9), (1e-3, 1e3, 6e4)],
                          ids=["large_q_v", "tiny_q_v", "mixed"])
-@pytest.mark.parametrize("config", [dict(merged=True), dict(merged=False, size_classes=16, large_list=True)],
-                         ids=["merged", "listed"])
+@pytest.mark.parametrize("config", [dict(merged=True), dict(merged=False, size_classes=16, large_list=True),
+                                    dict(merged=False, size_classes=16, large_list=True, flash_presplit=False)],
+                         ids=["merged", "listed", "listed_unsplit"])
 def test_f16x3_flash_any_magnitude(scales, config):
     """The f16x3 flash loop (``tile_math._mm16``) scales q, k, v by powers of two into fp16's range (per query
     block, per DOM), so inputs far outside it (|x| up to 1e9, fp16's largest is 65504) or far below it (1e-9, below
     fp16's smallest subnormal) keep fp32's tolerance, forward and gradients; the flash loops (DOMs of 17-100 pulses)
-    as the merged launch does them and as the listed launch does them. q and k are scaled inversely, so the scores
+    as the merged launch does them and as the listed launch does them (with k and v split once per DOM, v20's
+    ``flash_presplit``, and without: the key blocks split in the loop). q and k are scaled inversely, so the scores
     stay O(1): scores of 1e4 and more make fp32 gradients ill-conditioned in any kernel (the backward recomputes
     exp2(s - lse) from two numbers of that size)."""
     check_against_reference([1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65], 2, 32, torch.float32, seed=4,
@@ -422,6 +433,10 @@ def test_icecube_like_cuda(dtype, n_heads, head_dim):
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=11, flash_precision=other)
     if dtype == torch.float32 and n_heads == 1:  # the plan of >= 400k pulses (v19: size classes, listed large DOMs)
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=12, merge_below_pulses=0)
+        # ... without v20's halves split once per DOM, and with them but single query blocks
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=13, merge_below_pulses=0, flash_presplit=False)
+        check_against_reference(sizes, n_heads, head_dim, dtype, seed=14, merge_below_pulses=0,
+                                flash_query_pairs=False)
     if n_heads > 1:  # the other head layout, whichever the default is
         default = dom_fused._default_config(dtype, head_dim, n_heads)["head_loop"]
         check_against_reference(sizes, n_heads, head_dim, dtype, seed=6, head_loop=not default)

@@ -186,14 +186,15 @@ if HAVE_TRITON:
                     (n > ((1 << c) >> 1)) & ((n <= (1 << c)) | (c == NC + NL - 1)))
 
     @triton.jit
-    def _large_attend_kernel(Q, K, V, OUT, SV, CU, CNT, LARGE, COUNTER, N,
+    def _large_attend_kernel(Q, K, V, OUT, SV, KV16, CU, CNT, LARGE, COUNTER, N,
                              sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                              NC: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                              BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr,
-                             PAIR: tl.constexpr):
+                             PAIR: tl.constexpr, PRESPLIT: tl.constexpr):
         """Work items (large DOM, head), the largest class first, so that the longest flash loops start first
         and the short ones fill in behind them; each a flash loop (``_flash_dom``). Programs take items from a
-        ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``."""
+        ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``. ``PRESPLIT`` (f16x3): each item
+        writes its k and v rows' scaled fp16 halves to ``KV16`` ((N, NH, 4, DH)) once and its loops read them."""
         TICKET: tl.constexpr = NC + NL
         total = 0
         for c in tl.static_range(NC, NC + NL):
@@ -211,8 +212,12 @@ if HAVE_TRITON:
                 start += items
             n_d = tl.load(CNT + d).to(tl.int32)
             # every class's items start at a multiple of NH, so the head is item % NH
-            _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
-                       qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR)
+            if PRESPLIT:
+                _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
+                           qk_scale, NH, DH, BL, PREC, SAVE, False, PAIR, KV16)
+            else:
+                _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
+                           qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR)
             item = following
 
     _CLASSIFY, _ATTEND = FastLaunch(_classify_kernel, "dom_fused"), FastLaunch(_class_attend_kernel, "dom_fused")
@@ -282,22 +287,38 @@ def list_large(dom_counts, n_pulses: int, top: int, buffers: tuple) -> None:
 
 def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple,
                  precision: str, block: int, num_warps: int, num_stages=None, save: bool = False,
-                 full_blocks: bool = True, max_registers=None, query_pairs: bool = False) -> None:
+                 full_blocks: bool = True, max_registers=None, query_pairs: bool = False, kv16=None) -> None:
     """Write ``out[d]`` for every DOM of more than ``top`` pulses, listed by ``list_large`` (issued before, on this
     stream): one persistent launch of flash loops (``_large_attend_kernel``), ``block``-row blocks. ``save``:
     the rows' O and log-sum-exp into ``saved`` ((N, H, Dh + 2) fp32, as dom_fused's flash loops leave them).
     ``full_blocks``: key blocks wholly inside a DOM skip the end-of-DOM mask (``tile_math._flash_rows``).
     ``max_registers``: None or ptxas' cap on registers per thread (the persistent loop lets ptxas keep more
     live than the one-item flash program did, which costs programs per SM). ``query_pairs``: query blocks two at a
-    time (``tile_math._flash_dom``'s PAIR)."""
+    time (``tile_math._flash_dom``'s PAIR). ``kv16``: None, or with ``precision`` "f16x3" and fp32 inputs the
+    (N, H, 4, Dh) fp16 buffer (``presplit_buffer``) for the scaled fp16 halves of the large DOMs' k and v rows, written
+    once per (DOM, head) and read by its loops (``tile_math._split_dom``), which then take no ``full_blocks``."""
     n_doms = dom_counts.shape[0]
     _, counter, large = buffers
     if n_doms == 0:
         return
     n, n_heads, dh = q.shape
     grid = min(_programs(q.device, LARGE_PROGRAMS_PER_SM), (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads
-    args = (q, k, v, out, saved, cu_seqlens, dom_counts, large, counter, n, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
+    presplit = kv16 is not None
+    if presplit and (precision != "f16x3" or q.dtype != torch.float32 or kv16.shape != (n, n_heads, 4, dh)
+                     or kv16.dtype != torch.float16 or not kv16.is_contiguous()):
+        raise ValueError(f"dom_fused: kv16 must be a contiguous ({n}, {n_heads}, 4, {dh}) fp16 buffer and the flash "
+                         f"precision 'f16x3' with fp32 inputs, got {tuple(kv16.shape)} {kv16.dtype}, {precision!r}, "
+                         f"{q.dtype}")
+    args = (q, k, v, out, saved, kv16 if presplit else out, cu_seqlens, dom_counts, large, counter, n, q.stride(0),
+            q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
     _LARGE((grid,), args, dict(NC=n_classes(top), NL=LARGE_CLASSES, NH=n_heads, DH=dh, BL=block, PREC=precision,
-                               SAVE=save, FULL=full_blocks, PAIR=query_pairs), num_warps, False, num_stages,
-          max_registers)
+                               SAVE=save, FULL=full_blocks, PAIR=query_pairs, PRESPLIT=presplit), num_warps, False,
+           num_stages, max_registers)
+
+
+def presplit_buffer(q) -> torch.Tensor:
+    """The (N, H, 4, Dh) fp16 scratch of ``large_attend``'s ``kv16`` for inputs shaped like ``q`` (N, H, Dh): per row
+    and head k_hi, k_lo, v_hi, v_lo; rows of the original layout, of which only the large DOMs' are written (twice the bytes of fp32 k; made with
+    ``torch.empty``, never zeroed)."""
+    n, n_heads, dh = q.shape
+    return torch.empty((n, n_heads, 4, dh), dtype=torch.float16, device=q.device)

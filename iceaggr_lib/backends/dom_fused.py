@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
-from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large
+from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large, presplit_buffer
 from iceaggr_lib.backends.triton_launch import HAVE_TRITON, FastLaunch, run_concurrently, tl, triton
 
 
@@ -114,6 +114,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     query block by powers of two (``tile_math._mm16``): the same 22 bits as tf32x3 at half the mma instructions
     and registers; or one of ``precision``'s values (bf16's default, None, = its ``precision``; "f16x3" with 16-bit
     inputs is their ``precision`` too).
+    ``flash_presplit`` (the listed flash launch, f16x3): each (large DOM, head) writes the scaled fp16 halves of its
+    k and v rows once to an (N, H, 4, Dh) fp16 scratch and its loops read them (``tile_math._split_dom``), instead
+    of scaling and splitting every key block again for each query block (v20); "auto" (the default) = wherever
+    the listed launch runs f16x3 loops.
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -164,6 +168,12 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # v14). The flash loops alone (large DOMs of batch 0 sorted largest first, one program each): tf32x3 0.645 ms,
     # f16x3 0.563 (window order: 0.900 / 0.767). With 16-dim heads f16x3 gains nothing measurable (1.169 vs 1.184
     # ms, one call; 1.250 vs 1.184 in another), so 8x16 keeps tf32x3_mask, whose grid part was measured.
+    # v20 flash_presplit (runs 96-101, do_bench forward, fp32 1x128, 4,096 events, batches 1 / 0): the listed launch's
+    # (DOM, head) items write k's and v's scaled fp16 halves once and the loops read them: 1.362 / 0.923 -> 1.319 /
+    # 0.877 ms; with query-block pairs (64 query rows per 32-row key block, which Triton 3.6 compiles to wgmma) and 2
+    # pipeline stages 1.119 / 0.790 (pairs with 3 stages 1.295 / 0.923; 64-row blocks, 1 stage, 1.230 / 0.865). ncu
+    # (run 100): the launch is DRAM-bound, 2.3-2.4 TB/s at a 29-34 % L2 hit rate (a DOM's k and v are read again for
+    # each query block); pairs read them half as often: 637 -> 523 µs, 1.52 -> 1.18 GB.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (<= 4.4e-7, grid), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,
@@ -173,9 +183,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                    narrow=True, size_classes="auto", class_num_warps=4 if multi else 2, large_list="auto",
                    flash_full_blocks=multi, flash_max_registers=168 if multi else None,
-                   class_max_registers=96 if multi else None, flash_query_pairs=multi,
-                   flash_precision="f16x3" if head_dim >= 64 else None)
-        return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else cfg
+                   class_max_registers=96 if multi else None, flash_query_pairs=True,
+                   flash_precision="f16x3" if head_dim >= 64 else None, flash_presplit="auto")
+        return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else dict(cfg, flash_num_stages=2)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
     # two win at 565k (1.857 vs 2.300).
@@ -189,7 +199,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
-               class_max_registers=None, flash_query_pairs=multi, flash_precision=None)
+               class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto")
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -218,6 +228,7 @@ class Plan(NamedTuple):
     class_regs: int | None = None  # the class launch's register cap per thread
     query_pairs: bool = False  # the listed flash launch: query blocks two at a time
     flash_precision: str = "ieee"  # the forward's flash loops' dots (resolved: never None)
+    presplit: bool = False  # the listed flash launch: k, v halves written once per DOM (resolved: a bool)
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -248,7 +259,12 @@ def _resolved(dtype, head_dim, n_heads, backward, items, below_merge) -> Plan:
     elif plan.large_list and not plan.size_classes:
         raise ValueError("dom_fused: large_list=True needs size_classes (the DOMs above it are the listed ones), "
                          "got size_classes 0 (resolved)")
-    return plan
+    presplit_ok = bool(plan.large_list) and plan.flash_precision == "f16x3"  # (f16x3 is resolved for fp32 only)
+    if plan.presplit is True and not presplit_ok and not backward:  # (the backward has no listed launch)
+        raise ValueError("dom_fused: flash_presplit=True needs the listed flash launch (large_list) with "
+                         f"flash_precision 'f16x3' and fp32 inputs, got large_list {plan.large_list}, flash_precision "
+                         f"{plan.flash_precision!r} ({dtype})")
+    return plan._replace(presplit=presplit_ok and plan.presplit in ("auto", True))
 
 
 @functools.lru_cache(maxsize=256)  # a call's host time matters (see triton_launch.py): plan once per shape
@@ -316,6 +332,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError(f"dom_fused: large_list must be True, False or 'auto', got {large_list!r}")
     if not isinstance(cfg["flash_query_pairs"], bool):
         raise ValueError(f"dom_fused: flash_query_pairs must be True or False, got {cfg['flash_query_pairs']!r}")
+    if cfg["flash_presplit"] not in ("auto", True, False):
+        raise ValueError(f"dom_fused: flash_presplit must be True, False or 'auto', got {cfg['flash_presplit']!r}")
     if not isinstance(cfg["flash_full_blocks"], bool):
         raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
     for key in ("flash_max_registers", "class_max_registers"):
@@ -325,7 +343,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     plan = Plan(t_small, levels[-1], warps, block, cfg["precision"], merged, bool(cfg["head_loop"]), head_batch,
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
                 cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
-                cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"], flash_precision)
+                cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"], flash_precision,
+                cfg["flash_presplit"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -861,10 +880,11 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
                                               buffers, plan.precision, plan.class_warps, plan.class_regs))
     if plan.large_list:  # listed here, before the fork: the flash launch reads the lists
         list_large(dom_counts, n, plan.size_classes, buffers)
+        kv16 = presplit_buffer(k) if plan.presplit else None
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
                                               plan.size_classes, buffers, plan.flash_precision, plan.flash_block,
                                               plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
-                                              plan.flash_regs, plan.query_pairs))
+                                              plan.flash_regs, plan.query_pairs, kv16))
     if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles
         run_concurrently(q.device, launch[0], launch[1])
     elif len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles

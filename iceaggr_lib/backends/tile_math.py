@@ -128,17 +128,39 @@ def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL
 
 
 @triton.jit
+def _kv16_offsets(s0, ks, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
+    """(BL, DH) offsets of rows s0+ks .. +BL, head h, in the (N, NH, 4, DH) fp16 buffer ``KV16`` of ``_split_dom``
+    (per row and head: k_hi, k_lo, v_hi, v_lo; the half j at + j * DH). s0 is int64."""
+    return (s0 + ks + tl.arange(0, BL))[:, None] * (NH * 4 * DH) + h * (4 * DH) + tl.arange(0, DH)[None, :]
+
+
+@triton.jit
+def _kv16_block(KV16, s0, ks, n_d, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
+    """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h, as the scaled fp16 halves
+    that ``_split_dom`` wrote: (in-DOM mask, k_hi, k_lo, v_hi, v_lo)."""
+    km = (ks + tl.arange(0, BL)) < n_d
+    offs = _kv16_offsets(s0, ks, h, NH, DH, BL)
+    m = km[:, None]
+    return (km, tl.load(KV16 + offs, mask=m, other=0.0), tl.load(KV16 + DH + offs, mask=m, other=0.0),
+            tl.load(KV16 + 2 * DH + offs, mask=m, other=0.0), tl.load(KV16 + 3 * DH + offs, mask=m, other=0.0))
+
+
+@triton.jit
 def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MASK: tl.constexpr,
-                PV_ORDER: tl.constexpr = False, q_lo=None, k_scale=1.0, v_scale=1.0):
+                PV_ORDER: tl.constexpr = False, q_lo=None, k_scale=1.0, v_scale=1.0, k_lo=None, v_lo=None):
     """One key block of the online softmax (``_flash_rows``): ``MASK`` = whether some of its rows lie past the
     DOM's end (``km``), whose scores are then set to -inf; a block inside the DOM skips that select per score.
     ``PV_ORDER``: ``vb``'s rows came in ``_pv_order`` (``_kv_block``), and P's columns are put in that order too.
     ``PREC`` "f16x3" (fp32 inputs): ``qb`` / ``q_lo`` are q's ``_split16`` halves, k and v are scaled by
     ``k_scale`` / ``v_scale`` and split here, P is made 2^14 times larger inside its exponent (free: the row's
     subtrahend takes it) so that it fills fp16's range too; the scores, P, the row sum and ``acc`` come out in scaled
-    units (``_flash_rows`` folds the scales into ``qk_scale`` and its row max; the caller divides acc by v_scale)."""
-    F16: tl.constexpr = PREC == "f16x3" and kb.dtype == tl.float32
-    if F16:
+    units (``_flash_rows`` folds the scales into ``qk_scale`` and its row max; the caller divides acc by v_scale).
+    ``k_lo`` / ``v_lo`` given: ``kb`` / ``vb`` are k's and v's scaled fp16 hi halves already (``_split_dom``)."""
+    PRESPLIT: tl.constexpr = k_lo is not None
+    F16: tl.constexpr = PREC == "f16x3" and (kb.dtype == tl.float32 or PRESPLIT)
+    if PRESPLIT:
+        sb = _mm16(qb, q_lo, tl.trans(kb), tl.trans(k_lo))
+    elif F16:
         k_hi, k_lo = _split16(kb * k_scale)
         sb = _mm16(qb, q_lo, tl.trans(k_hi), tl.trans(k_lo))
     else:
@@ -156,7 +178,10 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
         R: tl.constexpr = pb.shape[0]
         BL: tl.constexpr = pb.shape[1]
         pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
-    if F16:
+    if PRESPLIT:
+        p_hi, p_lo = _split16(pb)
+        acc = acc * alpha[:, None] + _mm16(p_hi, p_lo, vb, v_lo)
+    elif F16:
         v_hi, v_lo = _split16(vb * v_scale)
         p_hi, p_lo = _split16(pb)
         acc = acc * alpha[:, None] + _mm16(p_hi, p_lo, v_hi, v_lo)
@@ -168,7 +193,7 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
 @triton.jit
 def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
                 DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False,
-                k_scale=1.0, v_scale=1.0):
+                k_scale=1.0, v_scale=1.0, KV16=None, NH: tl.constexpr = 1):
     """Online softmax of the query block ``qb`` (R x DH, R = BL or a multiple) over the n_d keys of one DOM starting
     at row s0: (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
     kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
@@ -176,7 +201,8 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
     (tf32 passes) take P's columns and v's rows in ``_pv_order``. ``PREC`` "f16x3" with fp32 inputs: q is scaled by
     a power of two of its own and split once (``_split16``), k and v by the DOM's ``k_scale`` / ``v_scale``
     (``_flash_dom``) in ``_flash_step``; P @ V comes back in units of v_scale, and the row max 14 lower (P and the
-    row sum are 2^14 times larger: ``_flash_step``), so that the log-sum-exp, row max + log2(row sum), is right."""
+    row sum are 2^14 times larger: ``_flash_step``), so that the log-sum-exp, row max + log2(row sum), is right.
+    ``KV16`` given (f16x3): the key blocks are read as the DOM's fp16 halves that ``_split_dom`` wrote (no ``FULL``)."""
     F16: tl.constexpr = PREC == "f16x3" and V.dtype.element_ty == tl.float32
     PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee" and not F16
     q_lo = None
@@ -187,7 +213,12 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
     m_i = tl.full([qb.shape[0]], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([qb.shape[0]], dtype=tl.float32)
     acc = tl.zeros([qb.shape[0], DH], dtype=tl.float32)
-    if FULL:
+    if F16 and KV16 is not None:
+        for ks in range(0, n_d, BL):
+            km, k_hi, k_lo, v_hi, v_lo = _kv16_block(KV16, s0, ks, n_d, h, NH, DH, BL)
+            m_i, l_i, acc = _flash_step(qb, k_hi, v_hi, km, m_i, l_i, acc, qk_scale, PREC, True, False, q_lo,
+                                        k_scale, v_scale, k_lo, v_lo)
+    elif FULL:
         n_full = n_d - n_d % BL
         for ks in range(0, n_full, BL):
             km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
@@ -210,7 +241,7 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
 @triton.jit
 def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                       DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                      FULL: tl.constexpr, k_scale=1.0, v_scale=1.0):
+                      FULL: tl.constexpr, k_scale=1.0, v_scale=1.0, KV16=None):
     """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h, over all its keys
     (``_flash_rows``): the sum of their outputs (DH,), for the mean pool; ``SAVE``: O and log-sum-exp of the rows
     to ``SV`` too."""
@@ -220,7 +251,7 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     qr = s0 + qs + rows
     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
     m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL,
-                                k_scale, v_scale)
+                                k_scale, v_scale, KV16, NH)
     o = acc / (l_i * v_scale)[:, None]
     if SAVE:
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
@@ -230,9 +261,28 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 
 
 @triton.jit
+def _split_dom(K, V, KV16, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH: tl.constexpr,
+               DH: tl.constexpr, BL: tl.constexpr):
+    """Write the ``_split16`` halves of the DOM's k and v rows (s0 .. s0+n_d, head h), scaled by ``k_scale`` /
+    ``v_scale``, to ``KV16`` ((N, NH, 4, DH) fp16: k_hi, k_lo, v_hi, v_lo per row and head), then wait for the
+    program's threads: its flash loops read them back (``_kv16_block``) in other threads' layouts. Only the DOM's
+    own rows are written (other programs own the rest)."""
+    for ks in range(0, n_d, BL):
+        km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
+        k_hi, k_lo = _split16(kb * k_scale)
+        v_hi, v_lo = _split16(vb * v_scale)
+        offs = _kv16_offsets(s0, ks, h, NH, DH, BL)
+        tl.store(KV16 + offs, k_hi, mask=km[:, None])
+        tl.store(KV16 + DH + offs, k_lo, mask=km[:, None])
+        tl.store(KV16 + 2 * DH + offs, v_hi, mask=km[:, None])
+        tl.store(KV16 + 3 * DH + offs, v_lo, mask=km[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
 def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-               FULL: tl.constexpr = False, PAIR: tl.constexpr = False):
+               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None):
     """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
@@ -241,7 +291,10 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     once for both, and the two blocks' softmax chains are independent, so one issues while the other waits.
     ``PREC`` "f16x3" (fp32 inputs): a first sweep over the DOM's key blocks finds max |k| and max |v|, whose
     ``_pow2_scale`` brings the DOM's k and v into fp16's range for the loops' ``_split16`` (any magnitude of input
-    works; the sweep reads k and v once more, against the ceil(n_d / BL) times the loops read them)."""
+    works; the sweep reads k and v once more, against the ceil(n_d / BL) times the loops read them). ``KV16`` given
+    ((N, NH, 4, DH) fp16; f16x3): the scaled halves of k and v are written there once
+    per DOM (``_split_dom``) and the loops read them (v20), instead of scaling and splitting every key block again
+    for every query block; fp16 operands from memory also let Triton use Hopper's wgmma (``HGMMA``)."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
     pooled_acc = tl.zeros([DH], dtype=tl.float32)
@@ -256,14 +309,17 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
             v_max = tl.maximum(v_max, tl.abs(vb))
         k_scale = _pow2_scale(tl.max(tl.max(k_max, axis=1), axis=0))
         v_scale = _pow2_scale(tl.max(tl.max(v_max, axis=1), axis=0))
+        if KV16 is not None:  # (F16 only: the loops read KV16 only then)
+            _split_dom(K, V, KV16, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH, DH, BL)
     start = 0
     if PAIR:
         start = n_d - n_d % (2 * BL)
         for qs in range(0, start, 2 * BL):
             pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale)
+                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale,
+                                            KV16)
     for qs in range(start, n_d, BL):
         pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale)
+                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale, KV16)
     tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
              (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

@@ -168,7 +168,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # v14). The flash loops alone (large DOMs of batch 0 sorted largest first, one program each): tf32x3 0.645 ms,
     # f16x3 0.563 (window order: 0.900 / 0.767). With 16-dim heads f16x3 gains nothing measurable (1.169 vs 1.184
     # ms, one call; 1.250 vs 1.184 in another), so 8x16 keeps tf32x3_mask, whose grid part was measured.
-    # v20 flash_presplit (runs 96-101, do_bench forward, fp32 1x128, 4,096 events, batches 1 / 0): the listed launch's
+    # v20 flash_presplit (runs 96-100, do_bench forward, fp32 1x128, 4,096 events, batches 1 / 0): the listed launch's
     # (DOM, head) items write k's and v's scaled fp16 halves once and the loops read them: 1.362 / 0.923 -> 1.319 /
     # 0.877 ms; with query-block pairs (64 query rows per 32-row key block, which Triton 3.6 compiles to wgmma) and 2
     # pipeline stages 1.119 / 0.790 (pairs with 3 stages 1.295 / 0.923; 64-row blocks, 1 stage, 1.230 / 0.865). ncu

@@ -416,6 +416,21 @@ def test_f16x3_flash_any_magnitude(scales, config):
                             scales=scales, flash_precision="f16x3", levels=(8, 16), block=16, **config)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n_heads,head_dim", [(2, 32), (1, 128)])
+def test_presplit_slots(monkeypatch, n_heads, head_dim):
+    """v20's split halves live in a slot per program of the listed flash launch (``dom_classes.PRESPLIT_ROWS`` rows),
+    reused from DOM to DOM; a DOM larger than a slot takes v19's loop. With 32-row slots this batch has both kinds,
+    and more DOMs than programs (each slot is overwritten by the program's next DOM)."""
+    monkeypatch.setattr(dom_classes, "PRESPLIT_ROWS", 32)
+    sizes = [1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65, 32, 20, 18, 31, 25] * 3
+    plan = dom_fused._resolve(torch.float32, head_dim, n_heads, len(sizes), merged=False, size_classes=16,
+                              large_list=True, flash_precision="f16x3")
+    assert plan.presplit and plan.large_list
+    check_against_reference(sizes, n_heads, head_dim, torch.float32, seed=15, merged=False, size_classes=16,
+                            large_list=True, flash_precision="f16x3", levels=(8, 16), block=16)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_heads,head_dim", [(1, 128), (8, 16)])

@@ -48,6 +48,11 @@ PROGRAMS_PER_SM = 8  # the class launch's programs (each loops over work items)
 LARGE_PROGRAMS_PER_SM = 8  # the large-DOM launch's
 LARGE_CLASSES = 8  # size classes of the DOMs above the top: 2^(c-1) < n <= 2^c, the last one open-ended
 LIST_BLOCK = 1024  # DOMs per program of the large-DOM list launch (it only reads dom_pulse_counts)
+# v20's split halves (``large_attend``'s kv16): a slot of the scratch per program, reused from DOM to DOM; a DOM of
+# more pulses than a slot holds takes v19's loop (k and v split per key block). 2 programs per SM are what fit (255
+# registers, 98 KB of shared memory at 4 warps and 2 stages, DH = 128), so more would only wait for them to finish.
+PRESPLIT_PROGRAMS_PER_SM = 2
+PRESPLIT_ROWS = 512  # rows per slot: every DOM of the IceCube data (at most 455 pulses)
 
 
 def n_classes(top: int) -> int:
@@ -186,15 +191,17 @@ if HAVE_TRITON:
                     (n > ((1 << c) >> 1)) & ((n <= (1 << c)) | (c == NC + NL - 1)))
 
     @triton.jit
-    def _large_attend_kernel(Q, K, V, OUT, SV, KV16, CU, CNT, LARGE, COUNTER, N,
+    def _large_attend_kernel(Q, K, V, OUT, SV, KV16, CU, CNT, LARGE, COUNTER, N, CAP,
                              sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                              NC: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                              BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr,
                              PAIR: tl.constexpr, PRESPLIT: tl.constexpr):
         """Work items (large DOM, head), the largest class first, so that the longest flash loops start first
         and the short ones fill in behind them; each a flash loop (``_flash_dom``). Programs take items from a
-        ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``. ``PRESPLIT`` (f16x3): each item
-        writes its k and v rows' scaled fp16 halves to ``KV16`` ((N, NH, 4, DH)) once and its loops read them."""
+        ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``. ``PRESPLIT`` (f16x3): each item of
+        at most ``CAP`` pulses writes its k and v rows' scaled fp16 halves once to the program's slot of ``KV16``
+        (rows pid * CAP .. +CAP of a (rows, NH, 4, DH) scratch) and its loops read them; a larger DOM takes the
+        loop that splits every key block (v19's), one query block at a time."""
         TICKET: tl.constexpr = NC + NL
         total = 0
         for c in tl.static_range(NC, NC + NL):
@@ -213,8 +220,13 @@ if HAVE_TRITON:
             n_d = tl.load(CNT + d).to(tl.int32)
             # every class's items start at a multiple of NH, so the head is item % NH
             if PRESPLIT:
-                _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
-                           qk_scale, NH, DH, BL, PREC, SAVE, False, PAIR, KV16)
+                if n_d <= CAP:
+                    _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d,
+                               so_h, qk_scale, NH, DH, BL, PREC, SAVE, False, PAIR, KV16,
+                               tl.program_id(0).to(tl.int64) * CAP)
+                else:
+                    _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d,
+                               so_h, qk_scale, NH, DH, BL, PREC, SAVE, False, False)
             else:
                 _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
                            qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR)
@@ -294,31 +306,37 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     ``full_blocks``: key blocks wholly inside a DOM skip the end-of-DOM mask (``tile_math._flash_rows``).
     ``max_registers``: None or ptxas' cap on registers per thread (the persistent loop lets ptxas keep more
     live than the one-item flash program did, which costs programs per SM). ``query_pairs``: query blocks two at a
-    time (``tile_math._flash_dom``'s PAIR). ``kv16``: None, or with ``precision`` "f16x3" and fp32 inputs the
-    (N, H, 4, Dh) fp16 buffer (``presplit_buffer``) for the scaled fp16 halves of the large DOMs' k and v rows, written
-    once per (DOM, head) and read by its loops (``tile_math._split_dom``), which then take no ``full_blocks``."""
+    time (``tile_math._flash_dom``'s PAIR). ``kv16``: None, or with ``precision`` "f16x3" and fp32 inputs the fp16
+    scratch of ``presplit_buffer``: a slot of ``PRESPLIT_ROWS`` rows per program (one program per slot) for the
+    scaled fp16 halves of its current DOM's k and v rows, written once per (DOM, head) and read by its loops
+    (``tile_math._split_dom``), which then take no ``full_blocks``."""
     n_doms = dom_counts.shape[0]
     _, counter, large = buffers
     if n_doms == 0:
         return
     n, n_heads, dh = q.shape
-    grid = min(_programs(q.device, LARGE_PROGRAMS_PER_SM), (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads
     presplit = kv16 is not None
-    if presplit and (precision != "f16x3" or q.dtype != torch.float32 or kv16.shape != (n, n_heads, 4, dh)
-                     or kv16.dtype != torch.float16 or not kv16.is_contiguous()):
-        raise ValueError(f"dom_fused: kv16 must be a contiguous ({n}, {n_heads}, 4, {dh}) fp16 buffer and the flash "
-                         f"precision 'f16x3' with fp32 inputs, got {tuple(kv16.shape)} {kv16.dtype}, {precision!r}, "
-                         f"{q.dtype}")
-    args = (q, k, v, out, saved, kv16 if presplit else out, cu_seqlens, dom_counts, large, counter, n, q.stride(0),
-            q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), qk_scale)
+    slots = kv16.shape[0] // PRESPLIT_ROWS if presplit else _programs(q.device, LARGE_PROGRAMS_PER_SM)
+    if presplit and (precision != "f16x3" or q.dtype != torch.float32 or slots < 1
+                     or kv16.shape != (slots * PRESPLIT_ROWS, n_heads, 4, dh) or kv16.dtype != torch.float16
+                     or not kv16.is_contiguous()):
+        raise ValueError(f"dom_fused: kv16 must be a contiguous (slots * {PRESPLIT_ROWS}, {n_heads}, 4, {dh}) fp16 "
+                         f"scratch (presplit_buffer) and the flash precision 'f16x3' with fp32 inputs, got "
+                         f"{tuple(kv16.shape)} {kv16.dtype}, {precision!r}, {q.dtype}")
+    grid = min(slots, (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads; a presplit program: one slot each
+    args = (q, k, v, out, saved, kv16 if presplit else out, cu_seqlens, dom_counts, large, counter, n, PRESPLIT_ROWS,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), qk_scale)
     _LARGE((grid,), args, dict(NC=n_classes(top), NL=LARGE_CLASSES, NH=n_heads, DH=dh, BL=block, PREC=precision,
                                SAVE=save, FULL=full_blocks, PAIR=query_pairs, PRESPLIT=presplit), num_warps, False,
            num_stages, max_registers)
 
 
 def presplit_buffer(q) -> torch.Tensor:
-    """The (N, H, 4, Dh) fp16 scratch of ``large_attend``'s ``kv16`` for inputs shaped like ``q`` (N, H, Dh): per row
-    and head k_hi, k_lo, v_hi, v_lo; rows of the original layout, of which only the large DOMs' are written (twice the bytes of fp32 k; made with
-    ``torch.empty``, never zeroed)."""
-    n, n_heads, dh = q.shape
-    return torch.empty((n, n_heads, 4, dh), dtype=torch.float16, device=q.device)
+    """The fp16 scratch of ``large_attend``'s ``kv16`` for inputs shaped like ``q`` (N, H, Dh): one slot of
+    ``PRESPLIT_ROWS`` rows for each of the launch's programs (``PRESPLIT_PROGRAMS_PER_SM`` per SM), (slots *
+    PRESPLIT_ROWS, H, 4, Dh), per row and head k_hi, k_lo, v_hi, v_lo. On an H100 (132 SMs) at H x Dh = 128:
+    264 slots, 132 MiB, whatever the batch (made with ``torch.empty``, never zeroed)."""
+    _, n_heads, dh = q.shape
+    slots = _programs(q.device, PRESPLIT_PROGRAMS_PER_SM)
+    return torch.empty((slots * PRESPLIT_ROWS, n_heads, 4, dh), dtype=torch.float16, device=q.device)

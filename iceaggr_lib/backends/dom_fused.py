@@ -115,9 +115,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     and registers; or one of ``precision``'s values (bf16's default, None, = its ``precision``; "f16x3" with 16-bit
     inputs is their ``precision`` too).
     ``flash_presplit`` (the listed flash launch, f16x3): each (large DOM, head) writes the scaled fp16 halves of its
-    k and v rows once to an (N, H, 4, Dh) fp16 scratch and its loops read them (``tile_math._split_dom``), instead
-    of scaling and splitting every key block again for each query block (v20); "auto" (the default) = wherever
-    the listed launch runs f16x3 loops.
+    k and v rows once to its program's slot of an fp16 scratch (``dom_classes.presplit_buffer``: 512 rows per
+    program, 132 MiB on an H100 at H x Dh = 128) and its loops read them (``tile_math._split_dom``), instead of
+    scaling and splitting every key block again for each query block (v20; a DOM above 512 pulses keeps v19's
+    loop); "auto" (the default) = wherever the listed launch runs f16x3 loops.
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -173,7 +174,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # 0.877 ms; with query-block pairs (64 query rows per 32-row key block, which Triton 3.6 compiles to wgmma) and 2
     # pipeline stages 1.119 / 0.790 (pairs with 3 stages 1.295 / 0.923; 64-row blocks, 1 stage, 1.230 / 0.865). ncu
     # (run 100): the launch is DRAM-bound, 2.3-2.4 TB/s at a 29-34 % L2 hit rate (a DOM's k and v are read again for
-    # each query block); pairs read them half as often: 637 -> 523 µs, 1.52 -> 1.18 GB.
+    # each query block); pairs read them half as often: 637 -> 523 µs, 1.52 -> 1.18 GB. The halves in a slot of 512
+    # rows per program instead of a row per input row (run 103): 1.105 / 0.778 ms, 132 MiB of scratch instead of 630.
     if dtype == torch.float32:  # tf32x3: three tensor-core passes, fp32-class error (<= 4.4e-7, grid), 2.1-2.9x faster than "ieee"
         # tf32x3_mask (run 27): 4,096 events 1x128 1.354 -> 1.295 ms, 8x16 2.93 -> 2.64; 1,024 1x128 0.462 -> 0.383
         cfg = dict(levels=(16, 32), bwd_levels=(16, 16), num_warps=4, bwd_num_warps=4, large_num_warps=4,

@@ -128,18 +128,19 @@ def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL
 
 
 @triton.jit
-def _kv16_offsets(s0, ks, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
-    """(BL, DH) offsets of rows s0+ks .. +BL, head h, in the (N, NH, 4, DH) fp16 buffer ``KV16`` of ``_split_dom``
-    (per row and head: k_hi, k_lo, v_hi, v_lo; the half j at + j * DH). s0 is int64."""
-    return (s0 + ks + tl.arange(0, BL))[:, None] * (NH * 4 * DH) + h * (4 * DH) + tl.arange(0, DH)[None, :]
+def _kv16_offsets(r16, ks, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
+    """(BL, DH) offsets of the DOM's rows ks .. ks+BL-1, head h, in the (rows, NH, 4, DH) fp16 scratch ``KV16`` of
+    ``_split_dom``, where the DOM's row 0 is scratch row ``r16`` (int64); per row and head k_hi, k_lo, v_hi, v_lo,
+    the half j at + j * DH."""
+    return (r16 + ks + tl.arange(0, BL))[:, None] * (NH * 4 * DH) + h * (4 * DH) + tl.arange(0, DH)[None, :]
 
 
 @triton.jit
-def _kv16_block(KV16, s0, ks, n_d, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
-    """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h, as the scaled fp16 halves
-    that ``_split_dom`` wrote: (in-DOM mask, k_hi, k_lo, v_hi, v_lo)."""
+def _kv16_block(KV16, r16, ks, n_d, h, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr):
+    """Key and value rows ks .. ks+BL-1 of a DOM of n_d rows, head h, as the scaled fp16 halves that ``_split_dom``
+    wrote from scratch row ``r16`` on: (in-DOM mask, k_hi, k_lo, v_hi, v_lo)."""
     km = (ks + tl.arange(0, BL)) < n_d
-    offs = _kv16_offsets(s0, ks, h, NH, DH, BL)
+    offs = _kv16_offsets(r16, ks, h, NH, DH, BL)
     m = km[:, None]
     return (km, tl.load(KV16 + offs, mask=m, other=0.0), tl.load(KV16 + DH + offs, mask=m, other=0.0),
             tl.load(KV16 + 2 * DH + offs, mask=m, other=0.0), tl.load(KV16 + 3 * DH + offs, mask=m, other=0.0))
@@ -193,7 +194,7 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
 @triton.jit
 def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
                 DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False,
-                k_scale=1.0, v_scale=1.0, KV16=None, NH: tl.constexpr = 1):
+                k_scale=1.0, v_scale=1.0, KV16=None, NH: tl.constexpr = 1, r16=0):
     """Online softmax of the query block ``qb`` (R x DH, R = BL or a multiple) over the n_d keys of one DOM starting
     at row s0: (row max, row sum, unnormalised P @ V), in the log2 domain, key blocks of BL rows. The running max is
     kept unscaled and the scale applied inside the exponents (one fused multiply-add per score). ``FULL``:
@@ -202,7 +203,8 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
     a power of two of its own and split once (``_split16``), k and v by the DOM's ``k_scale`` / ``v_scale``
     (``_flash_dom``) in ``_flash_step``; P @ V comes back in units of v_scale, and the row max 14 lower (P and the
     row sum are 2^14 times larger: ``_flash_step``), so that the log-sum-exp, row max + log2(row sum), is right.
-    ``KV16`` given (f16x3): the key blocks are read as the DOM's fp16 halves that ``_split_dom`` wrote (no ``FULL``)."""
+    ``KV16`` given (f16x3): the key blocks are read as the DOM's fp16 halves that ``_split_dom`` wrote from scratch row
+    ``r16`` on (no ``FULL``)."""
     F16: tl.constexpr = PREC == "f16x3" and V.dtype.element_ty == tl.float32
     PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee" and not F16
     q_lo = None
@@ -215,7 +217,7 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
     acc = tl.zeros([qb.shape[0], DH], dtype=tl.float32)
     if F16 and KV16 is not None:
         for ks in range(0, n_d, BL):
-            km, k_hi, k_lo, v_hi, v_lo = _kv16_block(KV16, s0, ks, n_d, h, NH, DH, BL)
+            km, k_hi, k_lo, v_hi, v_lo = _kv16_block(KV16, r16, ks, n_d, h, NH, DH, BL)
             m_i, l_i, acc = _flash_step(qb, k_hi, v_hi, km, m_i, l_i, acc, qk_scale, PREC, True, False, q_lo,
                                         k_scale, v_scale, k_lo, v_lo)
     elif FULL:
@@ -241,7 +243,7 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
 @triton.jit
 def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                       DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                      FULL: tl.constexpr, k_scale=1.0, v_scale=1.0, KV16=None):
+                      FULL: tl.constexpr, k_scale=1.0, v_scale=1.0, KV16=None, r16=0):
     """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h, over all its keys
     (``_flash_rows``): the sum of their outputs (DH,), for the mean pool; ``SAVE``: O and log-sum-exp of the rows
     to ``SV`` too."""
@@ -251,7 +253,7 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     qr = s0 + qs + rows
     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
     m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL,
-                                k_scale, v_scale, KV16, NH)
+                                k_scale, v_scale, KV16, NH, r16)
     o = acc / (l_i * v_scale)[:, None]
     if SAVE:
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
@@ -261,17 +263,19 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 
 
 @triton.jit
-def _split_dom(K, V, KV16, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH: tl.constexpr,
+def _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH: tl.constexpr,
                DH: tl.constexpr, BL: tl.constexpr):
     """Write the ``_split16`` halves of the DOM's k and v rows (s0 .. s0+n_d, head h), scaled by ``k_scale`` /
-    ``v_scale``, to ``KV16`` ((N, NH, 4, DH) fp16: k_hi, k_lo, v_hi, v_lo per row and head), then wait for the
-    program's threads: its flash loops read them back (``_kv16_block``) in other threads' layouts. Only the DOM's
-    own rows are written (other programs own the rest)."""
+    ``v_scale``, to rows r16 .. r16+n_d of ``KV16`` ((rows, NH, 4, DH) fp16: k_hi, k_lo, v_hi, v_lo per row and
+    head; the program's own slot, which nothing else writes), between two waits for the program's threads: before,
+    so that none still reads the slot's previous DOM; after, because the flash loops read the halves back
+    (``_kv16_block``) in other threads' layouts."""
+    tl.debug_barrier()
     for ks in range(0, n_d, BL):
         km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL)
         k_hi, k_lo = _split16(kb * k_scale)
         v_hi, v_lo = _split16(vb * v_scale)
-        offs = _kv16_offsets(s0, ks, h, NH, DH, BL)
+        offs = _kv16_offsets(r16, ks, h, NH, DH, BL)
         tl.store(KV16 + offs, k_hi, mask=km[:, None])
         tl.store(KV16 + DH + offs, k_lo, mask=km[:, None])
         tl.store(KV16 + 2 * DH + offs, v_hi, mask=km[:, None])
@@ -282,7 +286,7 @@ def _split_dom(K, V, KV16, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale,
 @triton.jit
 def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None):
+               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None, r16=0):
     """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
@@ -292,9 +296,10 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     ``PREC`` "f16x3" (fp32 inputs): a first sweep over the DOM's key blocks finds max |k| and max |v|, whose
     ``_pow2_scale`` brings the DOM's k and v into fp16's range for the loops' ``_split16`` (any magnitude of input
     works; the sweep reads k and v once more, against the ceil(n_d / BL) times the loops read them). ``KV16`` given
-    ((N, NH, 4, DH) fp16; f16x3): the scaled halves of k and v are written there once
-    per DOM (``_split_dom``) and the loops read them (v20), instead of scaling and splitting every key block again
-    for every query block; fp16 operands from memory also let Triton use Hopper's wgmma (``HGMMA``)."""
+    (f16x3; a (rows, NH, 4, DH) fp16 scratch, this DOM's halves from its row ``r16`` on): the scaled halves of k and
+    v are written there once per DOM (``_split_dom``) and the loops read them (v20), instead of scaling and
+    splitting every key block again for every query block; fp16 operands from memory also let Triton use
+    Hopper's wgmma (``HGMMA``)."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
     pooled_acc = tl.zeros([DH], dtype=tl.float32)
@@ -310,16 +315,16 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
         k_scale = _pow2_scale(tl.max(tl.max(k_max, axis=1), axis=0))
         v_scale = _pow2_scale(tl.max(tl.max(v_max, axis=1), axis=0))
         if KV16 is not None:  # (F16 only: the loops read KV16 only then)
-            _split_dom(K, V, KV16, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH, DH, BL)
+            _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH, DH, BL)
     start = 0
     if PAIR:
         start = n_d - n_d % (2 * BL)
         for qs in range(0, start, 2 * BL):
             pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
                                             qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale,
-                                            KV16)
+                                            KV16, r16)
     for qs in range(start, n_d, BL):
         pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale, KV16)
+                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale, KV16, r16)
     tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
              (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

@@ -29,7 +29,9 @@ With ``large_list`` the DOMs above TOP are listed too, and done by flash loops (
   makes each item one (DOM, head), the largest class first, so the longest loops start first: the flash loop of
   ``tile_math._flash_dom`` (query blocks one after another, each an online softmax over the DOM's key blocks,
   summed into the mean pool). Where the window launches of ``dom_fused`` had one program per (window, head),
-  most of them finding no large DOM, this launch has only work.
+  most of them finding no large DOM, this launch has only work. With f16x3 flash loops (fp32, v20) each item first
+  writes its DOM's k and v rows as scaled fp16 halves to its program's slot of a scratch (``presplit_buffer``), and
+  its loops read them (with ``query_pairs``, the default there, two query blocks at a time).
 
 The layout read is the packed one of ``DomBatch`` (the rows of DOM d are ``cu_seqlens[d] ..
 cu_seqlens[d+1]``); q, k, v are (N, H, Dh) with any row and head strides, the output (D, H, Dh). Without

@@ -9,7 +9,9 @@ measured copy bandwidth), peak memory. ``--libs`` adds varlen and flex_block (th
 prepare, e.g. the BlockMask build, left out of their time, as the issue's targets say). ``--sweep``
 times tile/warps/precision variants, ``--configs '[{...}, ...]'`` any dom_fused configs (JSON) at every
 point (``--fwd-only``: forward times only); a config may also set ``large_programs_per_sm``, the persistent
-programs per SM of the listed large-DOM launch (``dom_classes.LARGE_PROGRAMS_PER_SM``). ``--graphs`` times the whole layer forward at 16 events, eager
+programs per SM of the listed large-DOM launch (``dom_classes.LARGE_PROGRAMS_PER_SM``), or where that launch
+writes v20's split halves ``presplit_programs_per_sm`` (``dom_classes.PRESPLIT_PROGRAMS_PER_SM``: one scratch
+slot per program; the other setting does nothing there). ``--graphs`` times the whole layer forward at 16 events, eager
 and replayed from a CUDA graph. Prints a table last; writes results.json (after every row) and log lines under --out.
 """
 
@@ -30,7 +32,8 @@ from iceaggr_lib.envinfo import measure_copy_bandwidth
 from iceaggr_lib.testing import random_qkv, reference_errors, rel_err
 
 RESULTS: list[dict] = []
-LARGE_PROGRAMS_PER_SM = dom_classes.LARGE_PROGRAMS_PER_SM  # the default, restored after each config
+LARGE_PROGRAMS_PER_SM = dom_classes.LARGE_PROGRAMS_PER_SM  # the defaults, restored after each config
+PRESPLIT_PROGRAMS_PER_SM = dom_classes.PRESPLIT_PROGRAMS_PER_SM
 
 
 def log(*a):
@@ -229,6 +232,7 @@ def main():
                 continue  # keep the call inside its time limit: defaults and libraries first
             cfg = dict(cfg)  # "large_programs_per_sm": dom_classes' module setting (run 67), not a config key
             dom_classes.LARGE_PROGRAMS_PER_SM = cfg.pop("large_programs_per_sm", LARGE_PROGRAMS_PER_SM)
+            dom_classes.PRESPLIT_PROGRAMS_PER_SM = cfg.pop("presplit_programs_per_sm", PRESPLIT_PROGRAMS_PER_SM)
             try:
                 fn = fused_fn(b, scale, **cfg)
                 row.update(check(fn, b, h, dh, dtype, scale))

@@ -398,11 +398,14 @@ def test_random_sizes_fp32(config):
     check_against_reference(icecube_like_sizes(300, seed=3, max_size=80), 1, 32, torch.float32, seed=3, **config)
 
 
+# the listed flash launch (size classes of <= 16 pulses, the rest listed) on a small test batch, whatever its pulses
+LISTED = dict(merged=False, size_classes=16, large_list=True)
+
+
 @needs_kernel
 @pytest.mark.parametrize("scales", [(1e5, 1e-5, 1e5), (1e-9, 1e9, 1e-9), (1e-3, 1e3, 6e4)],
                          ids=["large_q_v", "tiny_q_v", "mixed"])
-@pytest.mark.parametrize("config", [dict(merged=True), dict(merged=False, size_classes=16, large_list=True),
-                                    dict(merged=False, size_classes=16, large_list=True, flash_presplit=False)],
+@pytest.mark.parametrize("config", [dict(merged=True), LISTED, dict(LISTED, flash_presplit=False)],
                          ids=["merged", "listed", "listed_unsplit"])
 def test_f16x3_flash_any_magnitude(scales, config):
     """The f16x3 flash loop (``tile_math._mm16``) scales q, k, v by powers of two into fp16's range (per query
@@ -424,11 +427,10 @@ def test_presplit_slots(monkeypatch, n_heads, head_dim):
     and more DOMs than programs (each slot is overwritten by the program's next DOM)."""
     monkeypatch.setattr(dom_classes, "PRESPLIT_ROWS", 32)
     sizes = [1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65, 32, 20, 18, 31, 25] * 3
-    plan = dom_fused._resolve(torch.float32, head_dim, n_heads, len(sizes), merged=False, size_classes=16,
-                              large_list=True, flash_precision="f16x3")
+    config = dict(LISTED, flash_precision="f16x3", levels=(8, 16), block=16)
+    plan = dom_fused._resolve(torch.float32, head_dim, n_heads, len(sizes), **config)
     assert plan.presplit and plan.large_list
-    check_against_reference(sizes, n_heads, head_dim, torch.float32, seed=15, merged=False, size_classes=16,
-                            large_list=True, flash_precision="f16x3", levels=(8, 16), block=16)
+    check_against_reference(sizes, n_heads, head_dim, torch.float32, seed=15, **config)
 
 
 @needs_cuda

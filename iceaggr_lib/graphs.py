@@ -24,20 +24,9 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends.dom_fused import dom_fused_attention
+from iceaggr_lib.backends.dom_graphs import bucket_for  # noqa: F401 - (where it lived before; the layer's buckets)
 from iceaggr_lib.collate import DomBatch
 from iceaggr_lib.fused_projection import fused_qkv, supports
-
-
-def bucket_for(n: int, min_bucket: int = 256, steps_per_octave: int = 1) -> int:
-    """The smallest bucket >= max(n, min_bucket): buckets are the powers of two and, with ``steps_per_octave`` s > 1,
-    the s - 1 evenly spaced sizes between two of them (s = 4: 1024, 1280, 1536, 1792, 2048, ...), so a batch is
-    padded by at most 1 / s of its size instead of up to 2x."""
-    if steps_per_octave < 1 or steps_per_octave & (steps_per_octave - 1):
-        raise ValueError(f"bucket_for: steps_per_octave must be a power of two >= 1, got {steps_per_octave}")
-    n = max(int(n), min_bucket, 1)
-    pow2 = 1 << (n - 1).bit_length()  # the smallest power of two >= n
-    step = max(1, pow2 // (2 * steps_per_octave))  # the octave (pow2 / 2, pow2] in s steps
-    return -(-n // step) * step
 
 
 def pad_to_bucket(batch: DomBatch, n_bucket: int):

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
+from iceaggr_lib.backends import dom_graphs
 from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large, presplit_buffer
 from iceaggr_lib.backends.triton_launch import HAVE_TRITON, FastLaunch, run_concurrently, tl, triton
 
@@ -122,7 +123,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
-    (``_bwd_large_kernel``), True, False or "auto" (the default: fp32 only, see ``DomFusedAttention``)."""
+    (``_bwd_large_kernel``), True, False or "auto" (the default: fp32 only, see ``DomFusedAttention``); ``graphs``:
+    whether a training step replays its launches from CUDA graphs that serve any batch (``dom_graphs``), True,
+    False or "auto" (the default: wherever they apply)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
@@ -201,7 +204,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                split_flash="auto", flash_block=None, flash_num_stages=None, flash_num_warps=None, big_num_warps=None,
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
-               class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto")
+               class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto",
+               graphs="auto")
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -426,11 +430,20 @@ if HAVE_TRITON:
         """The owned DOM range [d_lo, d_hi) of window ``win`` (rows win*T ..): DOMs whose first row is in it."""
         w0 = win * T
         w1 = tl.minimum(w0 + T, N)
-        d_a = tl.load(DOM + w0).to(tl.int32)
+        # (a graph replay's grid is its bucket's: windows past this call's N own nothing, d_lo = d_hi)
+        d_a = tl.load(DOM + tl.minimum(w0, N - 1)).to(tl.int32)
         start_a = tl.load(CU + d_a)
-        d_lo = tl.where(start_a < w0, d_a + 1, d_a)
+        d_lo = tl.where((start_a < w0) | (w0 >= N), d_a + 1, d_a)
         d_hi = tl.load(DOM + w1 - 1).to(tl.int32) + 1
+        d_hi = tl.where(w0 >= N, d_lo, d_hi)
         return w0, d_lo, d_hi
+
+    @triton.jit
+    def _arg_ptr(ARGS, i: tl.constexpr, like):
+        """Tensor argument ``i`` of a graph replay (``dom_graphs``): its address from the int64 argument buffer,
+        as ``like``'s pointer type, with the 16-byte alignment Triton assumes of tensor arguments (``dom_graphs``
+        checks it on the host)."""
+        return tl.multiple_of(tl.load(ARGS + i).to(like.dtype), 16)
 
     @triton.jit
     def _tile_rows(DOM, CNT, N, w0, d_lo, d_hi, LO: tl.constexpr, T: tl.constexpr, R: tl.constexpr = 0):
@@ -623,9 +636,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_large_kernel(Q, K, V, G, DQ, DK, DV, SV, DOM, CU, CNT, N,
-                          sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, t_fwd,
+                          sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, t_fwd, ARGS,
                           T: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr,
-                          PREC: tl.constexpr, PASS: tl.constexpr, W: tl.constexpr):
+                          PREC: tl.constexpr, PASS: tl.constexpr, W: tl.constexpr, INDIRECT: tl.constexpr = False):
         """The backward of the large DOMs (n > T), spread over programs so that no DOM is one program's
         serial work. Program (window, head) takes the rows [window*BL, +BL) that belong to large DOMs (at
         most a few DOMs per window), one DOM at a time. PASS 1 treats them as query rows: log-sum-exp and
@@ -635,7 +648,12 @@ if HAVE_TRITON:
         ``t_fwd`` = 2^31 - 1, W = 2) an online-softmax sweep over the DOM's keys recomputes them first, two
         more block products per key block. PASS 2 (the next launch, so every Di is written) treats the rows
         as key rows: a sweep over the DOM's query blocks gives dK = scale dS^T Q and the column sums of P,
-        hence dV."""
+        hence dV. ``INDIRECT``: as in ``_fwd_kernel`` (rows past this call's N are masked off)."""
+        if INDIRECT:
+            Q, K, V, G = _arg_ptr(ARGS, 0, Q), _arg_ptr(ARGS, 1, K), _arg_ptr(ARGS, 2, V), _arg_ptr(ARGS, 9, G)
+            DQ, DK, DV = _arg_ptr(ARGS, 10, DQ), _arg_ptr(ARGS, 11, DK), _arg_ptr(ARGS, 12, DV)
+            SV, DOM, CU, CNT = _arg_ptr(ARGS, 4, SV), _arg_ptr(ARGS, 5, DOM), _arg_ptr(ARGS, 6, CU), _arg_ptr(ARGS, 7, CNT)
+            N = tl.load(ARGS + 8).to(tl.int32)
         pid = tl.program_id(0)
         win = pid // NH
         h = pid % NH
@@ -723,10 +741,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_kernel(Q, K, V, OUT, SV, DOM, CU, CNT, N,
-                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big,
+                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale, n_win_big, ARGS,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                     BL: tl.constexpr, PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr,
-                    HB: tl.constexpr, NARROW: tl.constexpr, SAVE: tl.constexpr = False, FPREC: tl.constexpr = None):
+                    HB: tl.constexpr, NARROW: tl.constexpr, SAVE: tl.constexpr = False, FPREC: tl.constexpr = None,
+                    INDIRECT: tl.constexpr = False):
         """Two roles: windows of T_BIG rows (DOMs of T_SMALL < n <= T_BIG in tiles, larger ones
         flash-looped) and windows of T_SMALL rows (DOMs of n <= T_SMALL). ROLE 0 runs both in one
         launch, big windows first, so the long large-DOM programs overlap the small ones; but the kernel
@@ -737,7 +756,12 @@ if HAVE_TRITON:
         ROLE 3 their large DOMs' flash loops (one head per program), so each compiles to its own register
         and shared-memory budget instead of the larger of the two. ``NARROW``: see ``_narrow_start``. ``SAVE``:
         the flash loops leave O and log-sum-exp of the large DOMs' rows in ``SV`` (``_fwd_level``). ``FPREC``: the
-        flash loops' dots."""
+        flash loops' dots. ``INDIRECT`` (a CUDA-graph replay, ``dom_graphs``): the tensors and N are this call's, read
+        from ``ARGS`` (``dom_graphs.ARG_SLOTS``); the grid and n_win_big are the graph's bucket's."""
+        if INDIRECT:
+            Q, K, V, OUT = _arg_ptr(ARGS, 0, Q), _arg_ptr(ARGS, 1, K), _arg_ptr(ARGS, 2, V), _arg_ptr(ARGS, 3, OUT)
+            SV, DOM, CU, CNT = _arg_ptr(ARGS, 4, SV), _arg_ptr(ARGS, 5, DOM), _arg_ptr(ARGS, 6, CU), _arg_ptr(ARGS, 7, CNT)
+            N = tl.load(ARGS + 8).to(tl.int32)
         if T_SMALL == 0:
             _fwd_level(Q, K, V, OUT, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                        tl.program_id(0) // (NH // SNHL), (tl.program_id(0) % (NH // SNHL)) * SNHL,
@@ -762,11 +786,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_kernel(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N,
-                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, n_win_big,
+                    sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale, n_win_big, ARGS,
                     T_SMALL: tl.constexpr, T_BIG: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
-                    PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr, NARROW: tl.constexpr):
+                    PREC: tl.constexpr, ROLE: tl.constexpr, SNHL: tl.constexpr, NARROW: tl.constexpr,
+                    INDIRECT: tl.constexpr = False):
         """The backward of the DOMs of n <= T_BIG, with the same roles and program layout as the forward
-        (the large ones: ``_bwd_large_kernel``)."""
+        (the large ones: ``_bwd_large_kernel``). ``INDIRECT``: as in ``_fwd_kernel``."""
+        if INDIRECT:
+            Q, K, V, G = _arg_ptr(ARGS, 0, Q), _arg_ptr(ARGS, 1, K), _arg_ptr(ARGS, 2, V), _arg_ptr(ARGS, 9, G)
+            DQ, DK, DV = _arg_ptr(ARGS, 10, DQ), _arg_ptr(ARGS, 11, DK), _arg_ptr(ARGS, 12, DV)
+            DOM, CU, CNT = _arg_ptr(ARGS, 5, DOM), _arg_ptr(ARGS, 6, CU), _arg_ptr(ARGS, 7, CNT)
+            N = tl.load(ARGS + 8).to(tl.int32)
         if T_SMALL == 0:
             _bwd_level(Q, K, V, G, DQ, DK, DV, DOM, CU, CNT, N, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
                        sg_d, sg_h, sd_n, sd_h, qk_scale, sm_scale,
@@ -845,30 +875,42 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
 NOT_SAVED = 2**31 - 1  # ``t_fwd`` of a backward without a saved forward: no DOM is above it
 
 
-def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config):
+def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config, out=None, saved=None,
+             indirect=None):
     """``fused_forward``; with ``save`` also (saved, t_fwd): the fp32 (N, H, Dh + 2) buffer in which the flash
     loops left O and log-sum-exp of the rows of the DOMs of n > t_fwd (the plan's top tile level; with
     ``large_list`` its ``size_classes``), which ``fused_backward`` reads instead of recomputing them
-    (``_bwd_large_kernel``, pass 1)."""
+    (``_bwd_large_kernel``, pass 1). ``out``, ``saved``: given by ``dom_graphs`` (allocated per call).
+    ``indirect``: (the int64 argument buffer, the bucket's pulse count): the launches of a CUDA-graph capture
+    (``dom_graphs``), their grids the bucket's, their tensors and N read from the buffer."""
     config = dict(config)
-    config.pop("save_forward", None)  # (read by DomFusedAttention.forward)
+    for key in ("save_forward", "graphs"):  # (read by DomFusedAttention)
+        config.pop(key, None)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
     if autograd and q.dtype == torch.float32 and q.shape[1] == 1:  # a training step: the merged launch (v19 note)
         config.setdefault("merged", True)
     concurrent, _ = (_side_stream(config.pop(key, "auto"), q, autograd) for key in ("concurrent", "bwd_concurrent"))
-    plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], **config)
-    (warps, stages), _ = plan.warps
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
+    if indirect is not None:  # a graph's launches: grids (and the plan) for its bucket of pulses
+        args_buf, n = indirect
+    plan = _resolve(q.dtype, dh, n_heads, n, **config)
+    (warps, stages), _ = plan.warps
+    if indirect is not None and plan.size_classes:
+        raise ValueError("dom_fused: a CUDA-graph forward needs a plan without size_classes (dom_graphs.graphable)")
     snhl = n_heads if plan.head_loop else 1
-    out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
-    saved = torch.empty((n, n_heads, dh + 2), device=q.device, dtype=torch.float32) if save else out
+    if out is None:
+        out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
+    if saved is None:
+        saved = torch.empty((q.shape[0], n_heads, dh + 2), device=q.device, dtype=torch.float32) if save else out
     n_win_big = -(-n // plan.t_big)
     args = (q, k, v, out, saved, pulse_to_dom, cu_seqlens, dom_counts, n, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big)
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), scale * LOG2E, n_win_big,
+            cu_seqlens if indirect is None else args_buf)
     spec = _FWD.specialize(args)
     constexprs = dict(T_SMALL=plan.t_small, T_BIG=plan.t_big, NH=n_heads, DH=dh, BL=plan.block, PREC=plan.precision,
-                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save, FPREC=plan.flash_precision)
+                      SNHL=snhl, HB=plan.head_batch, NARROW=plan.narrow, SAVE=save, FPREC=plan.flash_precision,
+                      INDIRECT=indirect is not None)
     flash = dict(BL=plan.flash_block)  # split_flash's flash launch: its own block rows and pipelining
     role_warps = {0: plan.big_warps or warps, 1: plan.big_warps or warps, 3: plan.flash_warps or warps,
                   4: plan.big_warps or warps}  # role 0: merged or single-level; 2, the small windows: num_warps
@@ -901,48 +943,55 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
 
 
 def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved=None, t_fwd=NOT_SAVED,
-                   **config):
+                   grads=None, scratch=None, indirect=None, **config):
     """dq, dk, dv (N, H, Dh) for the output gradient (D, H, Dh): one or two launches for the tiles, two passes
     for the large DOMs, softmax recomputed.
     ``saved``, ``t_fwd``: what ``_forward(save=True)`` left (the large DOMs' O and log-sum-exp); without them
-    the large DOMs' pass 1 recomputes those by an online-softmax sweep."""
-    config.pop("save_forward", None)
+    the large DOMs' pass 1 recomputes those by an online-softmax sweep, into an fp32 (N, H, 2) ``scratch``.
+    ``grads`` (dq, dk, dv), ``scratch``, ``indirect``: given by ``dom_graphs`` (see ``_forward``)."""
+    for key in ("save_forward", "graphs"):
+        config.pop(key, None)
     _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
-    plan = _resolve(q.dtype, q.shape[2], q.shape[1], q.shape[0], backward=True, **config)
+    q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
+    n_rows, n_heads, dh = q.shape
+    n = n_rows if indirect is None else indirect[1]  # the launches' pulse count: a graph's is its bucket's
+    plan = _resolve(q.dtype, dh, n_heads, n, backward=True, **config)
     t_small, t_big, block, precision = plan.t_small, plan.t_big, plan.block, plan.precision
     (warps, stages), (large_warps, large_stages) = plan.warps
-    q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
-    n, n_heads, dh = q.shape
     snhl = n_heads if plan.head_loop else 1
-    dq = torch.empty((n, n_heads, dh), device=q.device, dtype=q.dtype)
-    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    if grads is None:
+        dq = torch.empty((n_rows, n_heads, dh), device=q.device, dtype=q.dtype)
+        grads = dq, torch.empty_like(dq), torch.empty_like(dq)
+    dq, dk, dv = grads
     n_win_big = -(-n // t_big)
+    args_buf = cu_seqlens if indirect is None else indirect[0]
     args = (q, k, v, g, dq, dk, dv, pulse_to_dom, cu_seqlens, dom_counts, n, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1), dq.stride(0), dq.stride(1),
-            scale * LOG2E, scale, n_win_big)
+            scale * LOG2E, scale, n_win_big, args_buf)
     spec = _BWD.specialize(args)
 
     def tiles():  # DOMs of n <= t_big: packed tiles
         for role, grid in _launches(n, t_small, t_big, n_heads, plan.merged, snhl):
             _BWD(grid, args, dict(T_SMALL=t_small, T_BIG=t_big, NH=n_heads, DH=dh, PREC=precision, ROLE=role,
-                                  SNHL=snhl, NARROW=plan.narrow), warps, spec, stages)
+                                  SNHL=snhl, NARROW=plan.narrow, INDIRECT=indirect is not None), warps, spec, stages)
 
     # DOMs of n > t_big: two passes (query rows, then key rows), windows of `block` rows in parallel
     if saved is None:  # log-sum-exp and Di of those rows
-        saved, t_fwd = torch.empty((n, n_heads, 2), device=q.device, dtype=torch.float32), NOT_SAVED
-    elif saved.shape != (n, n_heads, dh + 2) or saved.dtype != torch.float32 or not saved.is_contiguous():
-        raise ValueError(f"dom_fused: saved must be the forward's contiguous fp32 {(n, n_heads, dh + 2)}, got "
+        saved = torch.empty((n_rows, n_heads, 2), device=q.device, dtype=torch.float32) if scratch is None else scratch
+        t_fwd = NOT_SAVED
+    elif saved.shape != (n_rows, n_heads, dh + 2) or saved.dtype != torch.float32 or not saved.is_contiguous():
+        raise ValueError(f"dom_fused: saved must be the forward's contiguous fp32 {(n_rows, n_heads, dh + 2)}, got "
                          f"{saved.dtype} {tuple(saved.shape)}")
     large_args = (q, k, v, g, dq, dk, dv, saved, pulse_to_dom, cu_seqlens, dom_counts, n,
                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
-                  g.stride(1), dq.stride(0), dq.stride(1), scale * LOG2E, scale, t_fwd)
+                  g.stride(1), dq.stride(0), dq.stride(1), scale * LOG2E, scale, t_fwd, args_buf)
     large_spec = _BWD_LARGE.specialize(large_args)
 
     def large():
         for pass_ in (1, 2):
             _BWD_LARGE((-(-n // block) * n_heads,), large_args, dict(T=t_big, NH=n_heads, DH=dh, BL=block,
                                                                      PREC=precision, PASS=pass_,
-                                                                     W=saved.shape[2]),
+                                                                     W=saved.shape[2], INDIRECT=indirect is not None),
                        large_warps, large_spec, large_stages)
 
     if concurrent:  # the two write disjoint rows: run them side by side
@@ -971,7 +1020,13 @@ class DomFusedAttention(torch.autograd.Function):
             save = q.dtype == torch.float32  # measured above
         if not isinstance(save, bool):
             raise ValueError(f"dom_fused: save_forward must be True, False or 'auto', got {save!r}")
-        out, saved, t_fwd = _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, config)
+        graphs = _graphs_setting(config, q)
+        result = None if graphs is False else dom_graphs.forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts,
+                                                                 scale, save, config)
+        ctx.graphed = result is not None  # (then the backward replays a graph too, where it can)
+        if result is None:
+            result = _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, config)
+        out, saved, t_fwd = result
         if not save:
             saved, t_fwd = None, NOT_SAVED
         ctx.save_for_backward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, saved)
@@ -981,9 +1036,46 @@ class DomFusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, pulse_to_dom, dom_counts, saved = ctx.saved_tensors
-        dq, dk, dv = fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, ctx.scale, saved,
-                                    ctx.t_fwd, **ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        grads = None
+        if ctx.graphed:
+            grads = dom_graphs.backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, ctx.scale, saved,
+                                        ctx.t_fwd, ctx.config)
+        if grads is None:
+            grads = fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, ctx.scale, saved,
+                                   ctx.t_fwd, **ctx.config)
+        return (*grads, None, None, None, None, None)
+
+
+def _graphs_setting(config, q):
+    """``graphs``: "auto" (the default) or True replay a training step from CUDA graphs where ``dom_graphs`` can
+    (True: a ValueError where it cannot, see ``_graph_config``), False launches eagerly."""
+    setting = config.get("graphs", "auto")
+    if setting not in ("auto", True, False):
+        raise ValueError(f"dom_fused: graphs must be True, False or 'auto', got {setting!r}")
+    if setting is True and not q.is_cuda:
+        raise ValueError(f"dom_fused: graphs=True needs CUDA tensors, got q on {q.device}")
+    return setting
+
+
+def _graph_config(q, config, bucket):
+    """The config of a training step's launches inside CUDA graphs (``dom_graphs``), or None where the step
+    launches eagerly: a plan with size classes at the bucket's pulse count (their lists and scratch are not read
+    through the argument buffer). Inside graphs the independent launches run on two streams (free at replay)
+    unless the config says otherwise."""
+    graph_config = {key: val for key, val in config.items() if key not in ("graphs", "save_forward")}
+    for key in ("concurrent", "bwd_concurrent"):
+        if graph_config.get(key, "auto") == "auto":
+            graph_config[key] = True
+    if q.dtype == torch.float32 and q.shape[1] == 1:  # a training step's fp32 1-head plan (_forward)
+        graph_config.setdefault("merged", True)
+    plan = _resolve(q.dtype, q.shape[2], q.shape[1], bucket,
+                    **{key: val for key, val in graph_config.items() if key not in ("concurrent", "bwd_concurrent")})
+    if plan.size_classes:
+        if config.get("graphs") is True:
+            raise ValueError("dom_fused: graphs=True, but this plan has size classes (several heads from "
+                             "merge_below_pulses), which CUDA graphs do not replay; use 'auto' or False")
+        return None
+    return graph_config
 
 
 def dom_fused_attention(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale=None, **config):

@@ -1,0 +1,160 @@
+"""dom_graphs: dom_fused's training step replayed from CUDA graphs that serve any batch of their bucket.
+
+The indirect launches (tensors and N read from an argument buffer, the grid a larger bucket's) run through
+Triton's interpreter on CPU (TRITON_INTERPRET=1) and on CUDA; the graph capture and replay need CUDA. Each case
+compares with the float64 reference and with the eager launches on fresh random inputs.
+"""
+
+import pytest
+import torch
+
+from iceaggr_lib.backends import dom_fused, dom_graphs
+from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, triton_kernel_device
+
+from test_dom_fused import icecube_like_sizes
+
+DEVICE = triton_kernel_device()
+needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SIZES = [1, 1, 2, 3, 1, 20, 1, 1, 37, 1, 1, 3, 16, 17, 1, 70, 1, 2, 9]  # tiles of both levels and large DOMs
+
+
+def _args(values):
+    return torch.tensor(values, dtype=torch.int64, device=DEVICE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_heads,config", [(1, dict(levels=(8, 16), bwd_levels=(8,), block=16, merged=False, size_classes=0)),
+                                            (1, dict(levels=(8, 16), bwd_levels=(8,), block=16, merged=True)),
+                                            (2, dict(levels=(8,), bwd_levels=(8,), block=16))],
+                         ids=["two_launches", "merged", "single_level_2heads"])
+def test_indirect_launches_match_direct_ones(n_heads, config):
+    """The kernels given their tensors and N through the argument buffer, on a grid for 3x the rows (the
+    programs past N must find no work and write nothing), give the direct launches' results bit for bit."""
+    batch = batch_from_dom_sizes(SIZES, seed=1).to(DEVICE)
+    n, d, dh = batch.n_pulses, batch.n_doms, 16
+    q, k, v = random_qkv(n, n_heads, dh, dtype=torch.float32, device=DEVICE, seed=2)
+    g = torch.randn((d, n_heads, dh), device=DEVICE)
+    idx = (batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts)
+    scale = dh ** -0.5
+    out_ref = dom_fused._forward(q, k, v, *idx, scale, True, False, dict(config))[0]
+    grads_ref = dom_fused.fused_backward(g, q, k, v, *idx, scale, **config)
+
+    out = torch.full_like(out_ref, float("nan"))  # an unwritten row fails
+    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), out.data_ptr(), batch.pulse_to_dom_idx.data_ptr(),
+              batch.cu_seqlens.data_ptr(), batch.dom_pulse_counts.data_ptr(), n, 0, 0, 0, 0]
+    dom_fused._forward(q, k, v, *idx, scale, True, False, dict(config), out=out, saved=out,
+                       indirect=(_args(values), 3 * n))
+    assert torch.equal(out, out_ref)
+
+    grads = torch.full((3, n, n_heads, dh), float("nan"), device=DEVICE).unbind(0)
+    scratch = torch.empty((3 * n, n_heads, 2), device=DEVICE)
+    values[3:5] = [0, scratch.data_ptr()]
+    values[9:] = [g.data_ptr(), *(t.data_ptr() for t in grads)]
+    dom_fused.fused_backward(g, q, k, v, *idx, scale, grads=grads, scratch=scratch, indirect=(_args(values), 3 * n),
+                             **config)
+    for got, want in zip(grads, grads_ref):
+        assert torch.equal(got, want)
+
+
+def test_bucket_for_min_bucket_and_steps():
+    assert dom_graphs.bucket_for(10, dom_graphs.MIN_BUCKET, 4) == 4096
+    assert dom_graphs.bucket_for(117_902, dom_graphs.MIN_BUCKET, 4) == 131_072
+    assert dom_graphs.bucket_for(131_140, dom_graphs.MIN_BUCKET, 4) == 163_840
+    with pytest.raises(ValueError, match="steps_per_octave"):
+        dom_graphs.bucket_for(10, 1, 3)
+
+
+def test_graphs_setting_is_checked():
+    q = torch.zeros(4, 1, 16)
+    with pytest.raises(ValueError, match="graphs must be True, False or 'auto'"):
+        dom_fused._graphs_setting(dict(graphs="yes"), q)
+    with pytest.raises(ValueError, match="graphs=True needs CUDA"):
+        dom_fused._graphs_setting(dict(graphs=True), q)
+    assert dom_fused._graphs_setting({}, q) == "auto"
+    # several heads from merge_below_pulses: size classes, which graphs do not replay
+    assert dom_fused._graph_config(torch.zeros(4, 8, 16), {}, 1 << 20) is None
+    with pytest.raises(ValueError, match="size classes"):
+        dom_fused._graph_config(torch.zeros(4, 8, 16), dict(graphs=True), 1 << 20)
+    assert dom_fused._graph_config(torch.zeros(4, 1, 128, dtype=torch.bfloat16), {}, 1 << 20)["concurrent"] is True
+
+
+def _step(batch, q, k, v, g, scale, **config):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                        scale, **config)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), g)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_heads,head_dim", [(1, 128), (8, 16)])
+def test_graphed_training_steps_match_eager_and_reference(dtype, n_heads, head_dim):
+    """Batches of different sizes, each with a 455-pulse DOM: the first call of a bucket captures, the next
+    replays the same graph; every result equals the eager
+    launches' (same kernels, same arithmetic) and is within tolerance of the float64 reference."""
+    dom_graphs.clear()
+    scale = head_dim ** -0.5
+    before, buckets = dom_graphs.captures, set()
+    for i, n_doms in enumerate([3000, 3050, 9000]):
+        sizes = icecube_like_sizes(n_doms, seed=10 + i)
+        sizes[n_doms // 2] = 455
+        batch = batch_from_dom_sizes(sizes, seed=i).to("cuda")
+        buckets.add(dom_graphs.bucket_for(batch.n_pulses, dom_graphs.MIN_BUCKET, dom_graphs.STEPS_PER_OCTAVE))
+        q, k, v = random_qkv(batch.n_pulses, n_heads, head_dim, dtype=dtype, device="cuda", seed=i)
+        g = torch.randn((batch.n_doms, n_heads, head_dim), device="cuda").to(dtype)
+        eager = _step(batch, q, k, v, g, scale, graphs=False)
+        graphed = _step(batch, q, k, v, g, scale)
+        again = _step(batch, q, k, v, g, scale)  # a replay of the graph just captured
+        for a, b, c in zip(eager, graphed, again):
+            assert torch.equal(a, b) and torch.equal(a, c)
+
+        def attend(q, k, v):
+            return dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx,
+                                                 batch.dom_pulse_counts, scale)
+
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        errs = reference_errors(attend, batch, q, k, v, g, scale)
+        assert max(errs) <= TOLERANCE[dtype], errs
+    assert dom_graphs.captures - before == 2 * len(buckets)  # a forward and a backward graph per bucket
+
+
+@needs_cuda
+def test_outputs_of_earlier_steps_stay_valid():
+    """Two forwards of one bucket before one backward (gradient accumulation): the first output and both
+    gradients are what two eager steps give, since outputs are allocated per call, not graph memory."""
+    dom_graphs.clear()
+    scale = 128 ** -0.5
+    batches = [batch_from_dom_sizes(icecube_like_sizes(2000, seed=s), seed=s).to("cuda") for s in (1, 2)]
+    ins = [random_qkv(b.n_pulses, 1, 128, dtype=torch.bfloat16, device="cuda", seed=s, requires_grad=True)
+           for s, b in enumerate(batches)]
+    results = {}
+    for graphs in (False, "auto"):
+        outs = [dom_fused.dom_fused_attention(q, k, v, b.cu_seqlens, b.pulse_to_dom_idx, b.dom_pulse_counts,
+                                              scale, graphs=graphs) for b, (q, k, v) in zip(batches, ins)]
+        first = outs[0].detach().clone()
+        loss = sum((o.float() ** 2).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [t for qkv in ins for t in qkv])
+        results[graphs] = [first, *grads]
+    for a, b in zip(results[False], results["auto"]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_unaligned_inputs_launch_eagerly():
+    """q at an address that is not 16-byte aligned cannot use the graphs' alignment assumption: the call takes
+    the eager launches, with correct results."""
+    dom_graphs.clear()
+    batch = batch_from_dom_sizes(icecube_like_sizes(500, seed=3), seed=3).to("cuda")
+    n = batch.n_pulses
+    flat = torch.randn(n * 128 + 1, device="cuda", dtype=torch.bfloat16)
+    q = flat[1:].view(n, 1, 128)  # 2 bytes past an aligned address
+    k, v = (torch.randn(n, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g = torch.randn((batch.n_doms, 1, 128), device="cuda", dtype=torch.bfloat16)
+    before = dom_graphs.captures
+    got = _step(batch, q, k, v, g, 128 ** -0.5)
+    assert dom_graphs.captures == before
+    want = _step(batch, q.contiguous(), k, v, g, 128 ** -0.5, graphs=False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

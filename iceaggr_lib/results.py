@@ -40,7 +40,9 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
     Several (a list) are parts of one grid run separately on the same kind of device (e.g. bf16 and
     fp32 in two device calls): their rows are concatenated, a grid point present twice is an error,
     and the environment is the first run's, with ``merged_from`` listing each part's device name,
-    torch version and copy bandwidth.
+    torch version and copy bandwidth. Each row keeps its part's measured copy bandwidth
+    (``copy_bandwidth_gbps``), so that ``with_derived`` puts its memory floor at the bandwidth of the machine
+    that ran it (the lent machines differ by ~1 %).
     """
     dirs = [Path(d) for d in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir)]
     frames, envs = [], []
@@ -51,6 +53,8 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
                 raise FileNotFoundError(f"{p} not found: run notebooks/02_benchmark.ipynb with out_dir={d}")
         frames.append(read_results(csv_path))
         envs.append(json.loads(env_path.read_text()))
+        if len(dirs) > 1:
+            frames[-1]["copy_bandwidth_gbps"] = envs[-1].get("copy_bandwidth_gbps")
     if len(dirs) == 1:
         return frames[0], envs[0]
     df = pd.concat(frames, ignore_index=True)
@@ -72,9 +76,12 @@ def bandwidth_bytes_per_s(env: dict) -> float:
 
 
 def with_derived(df: pd.DataFrame, env: dict) -> pd.DataFrame:
-    """Add floor_ms (memory floor at the measured copy bandwidth), x_floor, io_mb and pulses_per_s."""
+    """Add floor_ms (memory floor at the measured copy bandwidth: a row's own part's where ``load`` merged
+    parts, else ``env``'s), x_floor, io_mb and pulses_per_s."""
     df = df.copy()
     bw = bandwidth_bytes_per_s(env)
+    if "copy_bandwidth_gbps" in df:
+        bw = pd.to_numeric(df["copy_bandwidth_gbps"], errors="coerce").fillna(bw / 1e9).to_numpy() * 1e9
     floor_bytes = np.array([memory_floor_bytes(r.n_pulses, r.n_doms, int(r.n_heads), int(r.head_dim), r.dtype, r.mode)
                             if pd.notna(r.n_pulses) else np.nan for r in df.itertuples()], dtype=np.float64)
     df["io_mb"] = floor_bytes / 2**20
@@ -278,7 +285,10 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
         "",
         f"Device: {dev} ({env.get('device')}); torch {env.get('torch_version')}, "
         f"triton {env.get('triton_version')}, driver {env.get('nvidia_driver')}. "
-        f"Measured copy bandwidth {env.get('copy_bandwidth_gbps')} GB/s (the memory floor uses it).",
+        + (f"Measured copy bandwidth {env.get('copy_bandwidth_gbps')} GB/s (the memory floor uses it)."
+         if not env.get("merged_from") else "Measured copy bandwidth per part: " + ", ".join(
+             f"{Path(m['results_dir']).name} {m.get('copy_bandwidth_gbps')} GB/s" for m in env["merged_from"])
+         + " (each row's memory floor uses its part's)."),
         f"Grid: {len(df)} points; " + ", ".join(f"{k} {v}" for k, v in sorted(n_status.items())) + ". "
         "Times are medians over rotated batches of consecutive events, per-batch preparation included; "
         "the first (compiling) call is reported apart.",

@@ -194,6 +194,22 @@ def test_load_merges_parts_of_one_grid(tmp_path):
         results.load([tmp_path / "bf16", tmp_path / "bf16"])
 
 
+def test_each_part_keeps_its_own_copy_bandwidth(tmp_path):
+    """Parts measured on different machines: a row's memory floor uses the bandwidth its part measured."""
+    for name, dtype, gbps in (("bf16", "bfloat16", 3000.0), ("fp32", "float32", 1500.0)):
+        d = tmp_path / name
+        d.mkdir()
+        table([row("padded", 4, 1.0, dtype=dtype)]).to_csv(d / "benchmark.csv", index=False)
+        (d / "environment.json").write_text(json.dumps(dict(ENV, copy_bandwidth_gbps=gbps)))
+    df, env = results.load([tmp_path / "bf16", tmp_path / "fp32"])
+    derived = results.with_derived(df, env)
+    floor = derived.set_index("dtype")["floor_ms"]
+    io_bytes = derived.set_index("dtype")["io_mb"] * 2**20
+    assert floor["bfloat16"] == pytest.approx(io_bytes["bfloat16"] / 3000e9 * 1e3)
+    assert floor["float32"] == pytest.approx(io_bytes["float32"] / 1500e9 * 1e3)
+    assert "bf16 3000.0 GB/s, fp32 1500.0 GB/s" in results.summary_markdown(derived, env)
+
+
 def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
     for name, dtype in (("a", "bfloat16"), ("b", "float32")):
         (tmp_path / name).mkdir()

@@ -9,7 +9,9 @@ no host synchronisation (``_default_config``: tile levels per dtype). Forward: o
 backward: one or two for the tiles plus two for the large DOMs. Launches go through
 ``triton_launch.FastLaunch`` (Triton's own launch less its host overhead), and independent ones run side
 by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` pulses
-(``triton_launch.run_concurrently``), so the few long programs of a launch do not leave the GPU idle.
+(``triton_launch.run_concurrently``), so the few long programs of a launch do not leave the GPU idle. A training
+step replays its launches from CUDA graphs that serve any batch of a pulse bucket (``dom_graphs``, config ``graphs``):
+the kernels then read their tensors and N from an argument buffer (``INDIRECT``).
 
 * Small DOMs (``n <= T`` pulses; ~all of them on IceCube data) that start in the window end inside
   ``[t*T, t*T + 2T)``, so one masked ``2T x 2T`` tile holds all of them: scores ``Q K^T``, a

@@ -15,7 +15,8 @@ embeddings. Padding never changes a real DOM's result: attention stays inside ea
 Use: ``g = GraphedDomForward(model)``; ``staged = g.stage(batch)`` (copies the padded batch into the
 bucket's static buffers, non-blocking); ``out = g.replay(staged)`` -> (D, d_model), a view into the
 graph's static output (clone it to keep it past the next replay). ``g(batch)`` does both.
-Forward only (inference / evaluation); training uses the model directly.
+Forward only (inference / evaluation); training uses the model directly, where dom_fused replays its own
+launches from graphs per pulse bucket (``backends/dom_graphs.py``).
 """
 
 from __future__ import annotations

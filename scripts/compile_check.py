@@ -7,7 +7,8 @@ below Triton's minimum size) costs a whole device call to discover. Triton compi
 without a GPU: this script installs a stand-in driver that reports an sm_90 target, then runs the
 real ``fused_forward`` / ``fused_backward`` of every launch plan (per dtype, 1x128 and 8x16, with and
 without ``head_loop``) with ``warmup=True``, so each kernel is compiled with the same specialisation
-the GPU would give it and never launched. For each compiled kernel it prints registers, spills and
+the GPU would give it and never launched. Then the graphed training step's launches (``dom_graphs``, the kernels
+with ``INDIRECT``) for bf16, fp16 and fp32 at 1x128, 2x64 and 8x16 (``--graphed-only``: just those). For each compiled kernel it prints registers, spills and
 shared memory, read from ``ptxas -v`` on the generated PTX (the ptxas bundled with Triton).
 
 Needs triton (the version of the GPU image: 3.6) and a CPU torch. Exit status 1 if any plan fails.
@@ -81,10 +82,68 @@ def ptxas_resources(kernel, arch: int) -> str:
             f"shared {kernel.metadata.shared} B")
 
 
+def _report(name, way, compiled, args):
+    for fn_name, kw, kernel in compiled:
+        if fn_name.startswith(("_class", "_list_large", "_large")):  # dom_classes (size_classes): classify +
+            # copy, the class tiles; with large_list the large DOMs' list and flash launch
+            role, tiles = fn_name[1:].replace("_kernel", ""), f"classes={kw['NC']}"
+        elif "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
+            role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"
+        elif "ROLE" in kw:
+            role, tiles = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"
+        else:  # dom_graphs' _fetch_args
+            role, tiles = fn_name[1:], ""
+        res = "" if args.no_ptxas else ptxas_resources(kernel, args.arch)
+        print(f"{name} {way:<8} {role:<6} {tiles} warps {kw['num_warps']}: ok  {res}", flush=True)
+
+
+def graphed_plans(batch, compiled, args) -> int:
+    """The launches of a graphed training step (``dom_graphs``): the kernels with ``INDIRECT`` (tensors and N read
+    from the argument buffer) on the grids of a bucket of twice the batch's rows, for every dtype the backend takes
+    and three head shapes, default plans (the concurrency, which needs streams, left out: same kernels). Returns
+    the number of plans that failed."""
+    from iceaggr_lib.backends import dom_fused, dom_graphs
+
+    failures = 0  # (two buckets: the small one merges the forward's launches, the large one does not)
+    idx = (batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts)
+    n = batch.n_pulses
+    for dtype, (heads, dh), bucket in itertools.product((torch.bfloat16, torch.float16, torch.float32),
+                                                        ((1, 128), (2, 64), (8, 16)), (2 * n, 1 << 18)):
+        name = f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} graphed bucket {bucket}"
+        q = torch.randn(n, heads, dh).to(dtype)
+        g = torch.randn(batch.n_doms, heads, dh).to(dtype)
+        save = dtype == torch.float32  # (save_forward "auto")
+        compiled.clear()
+        try:
+            cfg = dom_fused._graph_config(q, {}, bucket)
+            if cfg is None:  # (size classes at this bucket: such steps launch eagerly)
+                print(f"{name}: no graph (size classes), eager launches", flush=True)
+                continue
+            cfg = dict(cfg, concurrent=False, bwd_concurrent=False)
+            buf = torch.zeros(dom_graphs.N_SLOTS, dtype=torch.int64)
+            dom_graphs._FETCH((1,), (buf, buf, buf), dict(NS=dom_graphs.N_SLOTS, SEQ=dom_graphs.SEQ_SLOT), 1)
+            out = torch.empty(batch.n_doms, heads, dh, dtype=dtype)
+            saved = torch.empty(n, heads, dh + 2) if save else out
+            t_fwd = dom_fused._forward(q, q, q, *idx, dh ** -0.5, True, save, cfg, out=out, saved=saved,
+                                       indirect=(buf, bucket))[2]
+            grads = torch.empty(3, n, heads, dh, dtype=dtype).unbind(0)
+            dom_fused.fused_backward(g, q, q, q, *idx, dh ** -0.5, saved if save else None,
+                                     t_fwd if save else dom_fused.NOT_SAVED, grads=grads,
+                                     scratch=torch.empty(bucket, heads, 2), indirect=(buf, bucket), **cfg)
+        except Exception as e:  # report and carry on with the other plans
+            failures += 1
+            msg = str(e).strip().splitlines()
+            print(f"{name} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+            continue
+        _report(name, "train", compiled, args)
+    return failures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--no-ptxas", action="store_true", help="skip the register report")
+    ap.add_argument("--graphed-only", action="store_true", help="only the graphed training step's launches")
     args = ap.parse_args(argv)
     install_fake_driver(args.arch)
     compiled = force_warmup()
@@ -117,7 +176,7 @@ def main(argv=None) -> int:
     for extra in (dict(levels=(8,), bwd_levels=(8,), block=16), dict(small, merged=True), dict(small, merged=False),
                   dict(small, merged=False, split_flash=True, head_loop=True, head_batch=True)):
         plans.append((f"float32  4x16  tests' {extra}", torch.float32, 4, 16, extra))
-    for name, dtype, heads, dh, cfg in plans:
+    for name, dtype, heads, dh, cfg in plans if not args.graphed_only else ():
         q = torch.randn(batch.n_pulses, heads, dh).to(dtype)
         head_batch = cfg.get("head_batch", False)
         # "train": a training step's forward (it saves the large DOMs' O and log-sum-exp) and the backward that
@@ -140,16 +199,8 @@ def main(argv=None) -> int:
                 msg = str(e).strip().splitlines()
                 print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
                 continue
-            for fn_name, kw, kernel in compiled:
-                if fn_name.startswith(("_class", "_list_large", "_large")):  # dom_classes (size_classes): classify +
-                    # copy, the class tiles; with large_list the large DOMs' list and flash launch
-                    role, tiles = fn_name[1:].replace("_kernel", ""), f"classes={kw['NC']}"
-                elif "PASS" in kw:  # _bwd_large_kernel: the DOMs above the tile levels, pass 1 or 2
-                    role, tiles = f"large{kw['PASS']}", f"n>{kw['T']},BL={kw['BL']}"
-                else:
-                    role, tiles = {0: "merged", 1: "big", 2: "small", 3: "flash", 4: "big_tiles"}[kw["ROLE"]], f"T=({kw['T_SMALL']},{kw['T_BIG']})"
-                res = "" if args.no_ptxas else ptxas_resources(kernel, args.arch)
-                print(f"{name} {way:<8} {role:<6} {tiles} warps {kw['num_warps']}: ok  {res}", flush=True)
+            _report(name, way, compiled, args)
+    failures += graphed_plans(batch, compiled, args)
     print(f"compile_check: {failures} plan(s) failed")
     return 1 if failures else 0
 

@@ -24,6 +24,15 @@ def triton_kernel_device() -> str | None:
     return "cpu" if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
+def icecube_like_sizes(n_doms: int, seed: int, max_size: int = 455) -> np.ndarray:
+    """DOM sizes (pulses per DOM) like IceCube's: ~78% one-pulse DOMs, a heavy (Pareto) tail clipped at
+    ``max_size`` (the largest DOM of the Kaggle batch statistics, 455 pulses)."""
+    rng = np.random.default_rng(seed)
+    sizes = 2 + np.floor(rng.pareto(1.5, n_doms) * 3.0).astype(np.int64)
+    sizes[rng.random(n_doms) < 0.78] = 1
+    return np.minimum(sizes, max_size)
+
+
 def batch_from_dom_sizes(dom_sizes, doms_per_event: int | None = None, seed: int = 0) -> DomBatch:
     """A DomBatch whose DOMs have the given pulse counts, in order, with random features.
 

@@ -12,21 +12,13 @@ import torch
 
 from iceaggr_lib.backends import UnsupportedError, dom_attention, get_backend
 from iceaggr_lib.backends import dom_classes, dom_fused
-from iceaggr_lib.testing import (TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, rel_err,
-                                 triton_kernel_device)
+from iceaggr_lib.testing import (TOLERANCE, batch_from_dom_sizes, icecube_like_sizes, random_qkv, reference_errors,
+                                 rel_err, triton_kernel_device)
 
 DEVICE = triton_kernel_device()
 
 needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def icecube_like_sizes(n_doms: int, seed: int, max_size: int = 455) -> np.ndarray:
-    """~78% one-pulse DOMs, a heavy (Pareto) tail clipped at ``max_size``."""
-    rng = np.random.default_rng(seed)
-    sizes = 2 + np.floor(rng.pareto(1.5, n_doms) * 3.0).astype(np.int64)
-    sizes[rng.random(n_doms) < 0.78] = 1
-    return np.minimum(sizes, max_size)
 
 
 def check_against_reference(sizes, n_heads, head_dim, dtype, seed=0, scales=None, **config):

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from iceaggr_lib.backends import dom_fused, dom_graphs
-from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, reference_errors, triton_kernel_device
-
-from test_dom_fused import icecube_like_sizes
+from iceaggr_lib.testing import (TOLERANCE, batch_from_dom_sizes, icecube_like_sizes, random_qkv, reference_errors,
+                                 triton_kernel_device)
 
 DEVICE = triton_kernel_device()
 needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
@@ -56,6 +55,41 @@ def test_indirect_launches_match_direct_ones(n_heads, config):
                              **config)
     for got, want in zip(grads, grads_ref):
         assert torch.equal(got, want)
+
+
+class _ReplayedClosure:
+    """A stand-in for a captured CUDA graph: replaying re-runs the captured launches as they were captured, with the
+    first call's tensors as their arguments, which the INDIRECT kernels ignore for the buffer's, as a graph's do."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+@needs_kernel
+def test_graph_protocol_serves_later_batches(monkeypatch):
+    """dom_graphs' whole call protocol (keys, mailbox, fetch kernel, ack, scratch slot, indirect launches), with
+    graph capture replaced by re-running the captured closure: three training steps whose batches share a bucket,
+    each equal to the eager launches bit for bit; one entry per direction. On CUDA the same runs with real graphs
+    (below); here it also runs through Triton's interpreter."""
+    dom_graphs.clear()
+    monkeypatch.setattr(dom_graphs, "_capture", _ReplayedClosure)
+    monkeypatch.setattr(dom_graphs, "_applies", lambda q: True)
+    monkeypatch.setattr(dom_graphs, "MIN_BUCKET", 64)  # (a small grid for the interpreter)
+    config = dict(levels=(8, 16), bwd_levels=(8,), block=16)
+    scale = 16 ** -0.5
+    for seed, sizes in enumerate([SIZES, SIZES[::-1], SIZES[3:] + [5, 1, 1]]):
+        batch = batch_from_dom_sizes(sizes, seed=seed).to(DEVICE)
+        q, k, v = random_qkv(batch.n_pulses, 2, 16, dtype=torch.float32, device=DEVICE, seed=seed)
+        g = torch.randn((batch.n_doms, 2, 16), device=DEVICE)
+        for got, want in zip(_step(batch, q, k, v, g, scale, **config),
+                             _step(batch, q, k, v, g, scale, graphs=False, **config)):
+            assert torch.equal(got, want)
+    entries = [e for e in dom_graphs._ENTRIES.values() if e is not None]
+    assert len(entries) == 2 and all(e.seq == 3 and e.ack_np[dom_graphs.SEQ_SLOT] == 3 for e in entries)
+    dom_graphs.clear()
 
 
 def test_bucket_for_min_bucket_and_steps():

@@ -889,8 +889,8 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     for key in ("save_forward", "graphs"):  # (read by DomFusedAttention)
         config.pop(key, None)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-    if autograd and q.dtype == torch.float32 and q.shape[1] == 1:  # a training step: the merged launch (v19 note)
-        config.setdefault("merged", True)
+    if autograd:
+        _training_defaults(q, config)
     concurrent, _ = (_side_stream(config.pop(key, "auto"), q, autograd) for key in ("concurrent", "bwd_concurrent"))
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     n, n_heads, dh = q.shape
@@ -1048,9 +1048,18 @@ class DomFusedAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def _training_defaults(q, config: dict) -> None:
+    """What a training step's forward plans differently (in place): one fp32 head keeps the merged launch, since
+    v14 measured size classes slower there in a training step (v19 note)."""
+    if q.dtype == torch.float32 and q.shape[1] == 1:
+        config.setdefault("merged", True)
+
+
 def _graphs_setting(config, q):
-    """``graphs``: "auto" (the default) or True replay a training step from CUDA graphs where ``dom_graphs`` can
-    (True: a ValueError where it cannot, see ``_graph_config``), False launches eagerly."""
+    """``graphs``: "auto" (the default) or True replay a training step from CUDA graphs where ``dom_graphs`` can,
+    False launches eagerly. True raises a ValueError for CPU tensors and for plans with size classes
+    (``_graph_config``); misaligned tensors launch eagerly under either. An inference forward (no autograd) always
+    launches eagerly."""
     setting = config.get("graphs", "auto")
     if setting not in ("auto", True, False):
         raise ValueError(f"dom_fused: graphs must be True, False or 'auto', got {setting!r}")
@@ -1068,8 +1077,7 @@ def _graph_config(q, config, bucket):
     for key in ("concurrent", "bwd_concurrent"):
         if graph_config.get(key, "auto") == "auto":
             graph_config[key] = True
-    if q.dtype == torch.float32 and q.shape[1] == 1:  # a training step's fp32 1-head plan (_forward)
-        graph_config.setdefault("merged", True)
+    _training_defaults(q, graph_config)
     plan = _resolve(q.dtype, q.shape[2], q.shape[1], bucket,
                     **{key: val for key, val in graph_config.items() if key not in ("concurrent", "bwd_concurrent")})
     if plan.size_classes:

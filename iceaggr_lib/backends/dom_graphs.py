@@ -1,7 +1,7 @@
 """dom_fused's training step as CUDA-graph replays that serve every batch: one graph per pulse bucket.
 
 Why: at ~1,000 events a training step's kernels take ~0.3 ms of GPU time, but launching them eagerly (two forward
-and three backward Triton launches, their argument lists, four allocations) costs the lent H100's host 0.3-0.5 ms
+and three backward Triton launches, their argument lists, four allocations) costs the lent H100's host 0.3-0.6 ms
 more than the harness's own step, so a stream of steps is bound by the host (docs/dom_fused_notes.md, runs 31-32
 and 106-111). A graph replay is one launch of all of them, and lets the independent launches run side by side
 (``run_concurrently``'s fork and join cost nothing at replay).
@@ -18,7 +18,7 @@ sequence number, and the graph's first kernel (``_fetch_args``, one program) cop
 buffer and writes the sequence number back to a pinned *ack* word. Before writing the next call's values the host
 checks that the ack has caught up, i.e. that the previous replay has read its values (it waits only when the GPU
 is a whole replay of this graph behind). A copy (``cudaMemcpyAsync``) cost ~25 µs of host time per call on the
-lent machine, the mailbox ~1 µs.
+lent machine, the mailbox ~5 µs with its ack check (run 112).
 
 The first call of a bucket runs the same launches eagerly (compiling them) and then captures them: a capture
 (milliseconds, a device synchronisation). Graphs are keyed by everything they bake in: device and current stream,
@@ -77,22 +77,27 @@ if HAVE_TRITON:
 
 class _Entry:
     """One captured graph: the device argument buffer, the pinned mailbox and ack word, the fp32 scratch of a
-    backward without a saved forward (the bucket's rows), its config and what the capture returned (t_fwd)."""
+    backward without a saved forward (the bucket's rows; its address goes into the ``saved`` slot), its config
+    and what the first call's launches returned (the forward's t_fwd)."""
 
     def __init__(self, device, config, scratch_shape=None):
         self.args = torch.zeros(N_SLOTS, dtype=torch.int64, device=device)
-        self.mailbox = torch.zeros(N_SLOTS, dtype=torch.int64, pin_memory=True)
-        self.ack = torch.zeros(N_SLOTS, dtype=torch.int64, pin_memory=True)  # (slot SEQ_SLOT; a line of its own)
+        pinned = torch.device(device).type == "cuda"  # (a CPU entry: the interpreter test of the protocol)
+        self.mailbox = torch.zeros(N_SLOTS, dtype=torch.int64, pin_memory=pinned)
+        self.ack = torch.zeros(N_SLOTS, dtype=torch.int64, pin_memory=pinned)  # (slot SEQ_SLOT; a line of its own)
         self.mailbox_np, self.ack_np = self.mailbox.numpy(), self.ack.numpy()
         self.seq = 0
         self.config = config
         self.scratch = None if scratch_shape is None else torch.empty(scratch_shape, dtype=torch.float32,
                                                                       device=device)
         self.graph = None
-        self.t_fwd = None
+        self.result = None
 
     def post(self, values) -> None:
-        """This call's values into the mailbox, once the previous replay has read the last ones."""
+        """This call's values into the mailbox (with the entry's scratch in the ``saved`` slot where it has one),
+        once the previous replay has read the last ones."""
+        if self.scratch is not None:
+            values = values[:4] + (self.scratch.data_ptr(),) + values[5:]
         if self.ack_np[SEQ_SLOT] != self.seq:
             deadline = time.perf_counter() + ACK_TIMEOUT_S
             while self.ack_np[SEQ_SLOT] != self.seq:  # the GPU is a whole replay of this graph behind: wait
@@ -123,20 +128,39 @@ def _capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _applies(q) -> bool:
+    """Graphs can serve this call: CUDA tensors, outside any caller's own graph capture."""
+    return q.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
 def _key(kind, q, k, v, scale, config, extra):
     """(The host time of a call matters here: one stride() per tensor, no sorting for the default config.)"""
     idx = q.device.index
+    stream = torch._C._cuda_getCurrentRawStream(idx) if q.is_cuda else 0
     items = tuple(sorted((key, tuple(val) if isinstance(val, list) else val) for key, val in config.items())) \
         if config else ()
-    return (kind, idx, torch._C._cuda_getCurrentRawStream(idx), q.dtype, q.shape[1:], q.stride(), k.stride(),
-            v.stride(), scale, items) + extra
+    return (kind, idx, stream, q.dtype, q.shape[1:], q.stride(), k.stride(), v.stride(), scale, items) + extra
 
 
-def _graph_config(q, config, bucket):
-    """The config of the graph's launches, or None where the calls launch eagerly (``dom_fused._graph_config``)."""
-    from iceaggr_lib.backends import dom_fused
-
-    return dom_fused._graph_config(q, config, bucket)
+def _replay(key, values, new_entry, launches):
+    """A graph's call: this call's ``values`` into its entry's mailbox, then a replay; on the key's first call the
+    entry is made (``new_entry()``, None where the key's calls launch eagerly: then None is returned), the launches
+    run eagerly once (they compile; their result is kept in ``entry.result``) and are captured. ``launches(entry)``
+    issues the fetch kernel and the kernels. Returns the entry."""
+    entry = _ENTRIES.get(key, False)
+    if entry is False:
+        entry = new_entry()
+        if entry is None:
+            _ENTRIES[key] = None
+            return None
+        entry.post(values)
+        entry.result = launches(entry)  # this call, eagerly, then the capture
+        entry.graph = _capture(lambda: launches(entry))
+        _ENTRIES[key] = entry
+        return entry
+    entry.post(values)
+    entry.graph.replay()
+    return entry
 
 
 def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config):
@@ -145,60 +169,49 @@ def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config):
     from iceaggr_lib.backends import dom_fused
 
     n, n_heads, dh = q.shape
-    if n == 0 or not q.is_cuda or torch.cuda.is_current_stream_capturing():
+    if n == 0 or not _applies(q):
         return None
+    dom_fused._check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)  # (as the eager path: errors name them)
     bucket = bucket_for(n, MIN_BUCKET, STEPS_PER_OCTAVE)
     key = _key("fwd", q, k, v, scale, config, (save, bucket, cu_seqlens.dtype, pulse_to_dom.dtype, dom_counts.dtype))
-    entry = _ENTRIES.get(key, False)
-    if entry is None:  # (a config whose plan has size classes: eager)
+    if _ENTRIES.get(key, False) is None:  # (a config whose plan has size classes: eager)
+        return None
+    q_stride, k_stride, v_stride = key[5:8]
+    values = (q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, 0, pulse_to_dom.data_ptr(), cu_seqlens.data_ptr(),
+              dom_counts.data_ptr(), n)
+    if (values[0] | values[1] | values[2] | values[5] | values[6] | values[7]) & 15 or q_stride[-1] != 1 \
+            or k_stride[-1] != 1 or v_stride[-1] != 1:  # (out and saved are fresh allocations: aligned)
         return None
     out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
     saved = torch.empty((n, n_heads, dh + 2), device=q.device, dtype=torch.float32) if save else out
-    values = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), saved.data_ptr(), pulse_to_dom.data_ptr(),
-              cu_seqlens.data_ptr(), dom_counts.data_ptr())
-    q_pk, k_pk, v_pk = key[5:8]  # (the strides)
-    if (values[0] | values[1] | values[2] | values[5] | values[6] | values[7]) & 15 or q_pk[-1] != 1 or k_pk[-1] != 1 \
-            or v_pk[-1] != 1:  # (out and saved are fresh allocations: aligned)
-        return None
-    if entry is False:
-        dom_fused._check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
-        graph_config = _graph_config(q, config, bucket)
-        if graph_config is None:
-            _ENTRIES[key] = None
-            return None
-        entry = _Entry(q.device, graph_config)
+    values = values[:3] + (out.data_ptr(), saved.data_ptr()) + values[5:]
 
-        def launches():
-            entry.fetch()
-            return dom_fused._forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, graph_config,
-                                      out=out, saved=saved, indirect=(entry.args, bucket))
+    def new_entry():
+        graph_config = dom_fused._graph_config(q, config, bucket)
+        return None if graph_config is None else _Entry(q.device, graph_config)
 
-        entry.post(values + (n,))
-        entry.t_fwd = launches()[2]  # this call, eagerly (the kernels compile here), then the capture
-        entry.graph = _capture(launches)
-        _ENTRIES[key] = entry
-        return out, saved, entry.t_fwd
-    if pulse_to_dom.shape[0] != n or dom_counts.shape[0] + 1 != cu_seqlens.shape[0] or not (
-            q.shape == k.shape == v.shape) or not q.dtype == k.dtype == v.dtype or q.device != cu_seqlens.device:
-        dom_fused._check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)  # (raises, naming what is wrong)
-    entry.post(values + (n,))
-    entry.graph.replay()
-    return out, saved, entry.t_fwd
+    def launches(entry):  # (the tensors given here only specialise the kernels; they read the buffer's)
+        entry.fetch()
+        return dom_fused._forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, entry.config,
+                                  out=out, saved=saved, indirect=(entry.args, bucket))[2]
+
+    entry = _replay(key, values, new_entry, launches)
+    return None if entry is None else (out, saved, entry.result)
 
 
 def backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved, t_fwd, config):
-    """``dom_fused.fused_backward`` by graph replay: (dq, dk, dv), or None where no graph applies."""
+    """``dom_fused.fused_backward`` by graph replay: (dq, dk, dv), or None where no graph applies. (The inputs are
+    the forward's, checked there.)"""
     from iceaggr_lib.backends import dom_fused
 
     n, n_heads, dh = q.shape
-    if torch.cuda.is_current_stream_capturing():
+    if not _applies(q):
         return None
     g = grad_out.contiguous()
     bucket = bucket_for(n, MIN_BUCKET, STEPS_PER_OCTAVE)
     key = _key("bwd", q, k, v, scale, config, (saved is None, t_fwd, g.stride(0), g.stride(1), g.dtype, bucket,
                                                cu_seqlens.dtype, pulse_to_dom.dtype, dom_counts.dtype))
-    entry = _ENTRIES.get(key, False)
-    if entry is None:
+    if _ENTRIES.get(key, False) is None:
         return None
     grads = torch.empty((3, n, n_heads, dh), device=q.device, dtype=q.dtype)  # one allocation (host time)
     dq, dk, dv = grads[0], grads[1], grads[2]
@@ -209,32 +222,19 @@ def backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, sav
               dq_ptr + 2 * step)
     if (values[0] | values[1] | values[2] | values[4] | g_ptr | step) & 15:  # (the index tensors: as the forward's)
         return None
-    if entry is False:
-        graph_config = _graph_config(q, config, bucket)
-        if graph_config is None:
-            _ENTRIES[key] = None
-            return None
-        entry = _Entry(q.device, graph_config, (bucket, n_heads, 2) if saved is None else None)
-        scratch = entry.scratch
 
-        def launches():
-            entry.fetch()
-            dom_fused.fused_backward(g, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved, t_fwd,
-                                     grads=(dq, dk, dv), scratch=scratch, indirect=(entry.args, bucket),
-                                     **graph_config)
+    def new_entry():
+        graph_config = dom_fused._graph_config(q, config, bucket)
+        return None if graph_config is None else _Entry(q.device, graph_config,
+                                                        (bucket, n_heads, 2) if saved is None else None)
 
-        entry.post(_with_scratch(values, entry))
-        launches()
-        entry.graph = _capture(launches)
-        _ENTRIES[key] = entry
-        return dq, dk, dv
-    entry.post(_with_scratch(values, entry))
-    entry.graph.replay()
-    return dq, dk, dv
+    def launches(entry):
+        entry.fetch()
+        dom_fused.fused_backward(g, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, saved, t_fwd,
+                                 grads=(dq, dk, dv), scratch=entry.scratch, indirect=(entry.args, bucket),
+                                 **entry.config)
 
-
-def _with_scratch(values, entry):
-    return values if entry.scratch is None else values[:4] + (entry.scratch.data_ptr(),) + values[5:]
+    return None if _replay(key, values, new_entry, launches) is None else (dq, dk, dv)
 
 
 def clear() -> None:

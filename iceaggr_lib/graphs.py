@@ -62,7 +62,9 @@ class GraphedDomForward:
     def __init__(self, model, min_bucket: int = 256, warmup: int = 3, attention_config: dict | None = None,
                  steps_per_octave: int = 4, fused_projection="auto"):
         self.model = model
-        self.attention_config = dict(attention_config or {})
+        # (graphs=False: this layer graph holds the attention's launches; dom_graphs' own would be captured once
+        # more, on the warm-up's side stream, for nothing)
+        self.attention_config = {"graphs": False, **(attention_config or {})}
         self.min_bucket = min_bucket
         self.steps_per_octave = steps_per_octave
         if fused_projection not in ("auto", True, False):

@@ -7,9 +7,10 @@ below Triton's minimum size) costs a whole device call to discover. Triton compi
 without a GPU: this script installs a stand-in driver that reports an sm_90 target, then runs the
 real ``fused_forward`` / ``fused_backward`` of every launch plan (per dtype, 1x128 and 8x16, with and
 without ``head_loop``) with ``warmup=True``, so each kernel is compiled with the same specialisation
-the GPU would give it and never launched. Then the graphed training step's launches (``dom_graphs``, the kernels
-with ``INDIRECT``) for bf16, fp16 and fp32 at 1x128, 2x64 and 8x16 (``--graphed-only``: just those). For each compiled kernel it prints registers, spills and
-shared memory, read from ``ptxas -v`` on the generated PTX (the ptxas bundled with Triton).
+the GPU would give it and never launched. Then the graphed training step's and inference forward's launches
+(``dom_graphs``, the kernels with ``INDIRECT``) for bf16, fp16 and fp32 at 1x128, 2x64 and 8x16 (``--graphed-only``:
+just those). For each compiled kernel it prints registers, spills and shared memory, read from ``ptxas -v`` on the
+generated PTX (the ptxas bundled with Triton).
 
 Needs triton (the version of the GPU image: 3.6) and a CPU torch. Exit status 1 if any plan fails.
 """
@@ -98,9 +99,9 @@ def _report(name, way, compiled, args):
 
 
 def graphed_plans(batch, compiled, args) -> int:
-    """The launches of a graphed training step (``dom_graphs``): the kernels with ``INDIRECT`` (tensors and N read
-    from the argument buffer) on the grids of a bucket of twice the batch's rows, for every dtype the backend takes
-    and three head shapes, default plans (the concurrency, which needs streams, left out: same kernels). Returns
+    """The launches of a graphed training step and inference forward (``dom_graphs``): the kernels with ``INDIRECT``
+    (tensors and N read from the argument buffer) on the grids of a bucket of twice the batch's rows, for every dtype
+    the backend takes and three head shapes, default plans (the concurrency, which needs streams, left out: same kernels). Returns
     the number of plans that failed."""
     from iceaggr_lib.backends import dom_fused, dom_graphs
 
@@ -136,6 +137,20 @@ def graphed_plans(batch, compiled, args) -> int:
             print(f"{name} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
             continue
         _report(name, "train", compiled, args)
+        compiled.clear()
+        try:  # the graphed inference forward: the inference plan at this bucket (graphs=True takes any size)
+            cfg = dom_fused._graph_config(q, {}, bucket, autograd=False)
+            if cfg is None:
+                print(f"{name}: no inference graph (size classes), eager launches", flush=True)
+                continue
+            dom_fused._forward(q, q, q, *idx, dh ** -0.5, False, False, dict(cfg, concurrent=False), out=out,
+                               saved=out, indirect=(buf, bucket))
+        except Exception as e:
+            failures += 1
+            msg = str(e).strip().splitlines()
+            print(f"{name} inference FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+            continue
+        _report(name, "infer", compiled, args)
     return failures
 
 
@@ -143,7 +158,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--no-ptxas", action="store_true", help="skip the register report")
-    ap.add_argument("--graphed-only", action="store_true", help="only the graphed training step's launches")
+    ap.add_argument("--graphed-only", action="store_true",
+                    help="only the graphed training step's and inference forward's launches")
     args = ap.parse_args(argv)
     install_fake_driver(args.arch)
     compiled = force_warmup()

@@ -1,4 +1,5 @@
-"""dom_graphs: dom_fused's training step replayed from CUDA graphs that serve any batch of their bucket.
+"""dom_graphs: dom_fused's training step and inference forward replayed from CUDA graphs that serve any batch of
+their bucket.
 
 The indirect launches (tensors and N read from an argument buffer, the grid a larger bucket's) run through
 Triton's interpreter on CPU (TRITON_INTERPRET=1) and on CUDA; the graph capture and replay need CUDA. Each case
@@ -87,8 +88,10 @@ def test_graph_protocol_serves_later_batches(monkeypatch):
         for got, want in zip(_step(batch, q, k, v, g, scale, **config),
                              _step(batch, q, k, v, g, scale, graphs=False, **config)):
             assert torch.equal(got, want)
-    entries = [e for e in dom_graphs._ENTRIES.values() if e is not None]
-    assert len(entries) == 2 and all(e.seq == 3 and e.ack_np[dom_graphs.SEQ_SLOT] == 3 for e in entries)
+        assert torch.equal(_infer(batch, q, k, v, scale, **config), _infer(batch, q, k, v, scale, graphs=False, **config))
+    entries = {key[0]: e for key, e in dom_graphs._ENTRIES.items() if e is not None}
+    assert sorted(entries) == ["bwd", "fwd", "inf"]
+    assert all(e.seq == 3 and e.ack_np[dom_graphs.SEQ_SLOT] == 3 for e in entries.values())
     dom_graphs.clear()
 
 
@@ -107,11 +110,31 @@ def test_graphs_setting_is_checked():
     with pytest.raises(ValueError, match="graphs=True needs CUDA"):
         dom_fused._graphs_setting(dict(graphs=True), q)
     assert dom_fused._graphs_setting({}, q) == "auto"
+    # "auto": graphs below the measured pulse counts (training / inference), True at any size, False never
+    for n, autograd, want in [(dom_fused.TRAINING_GRAPHS_BELOW_PULSES - 1, True, True),
+                              (dom_fused.TRAINING_GRAPHS_BELOW_PULSES, True, False),
+                              (dom_fused.INFERENCE_GRAPHS_BELOW_PULSES - 1, False, True),
+                              (dom_fused.INFERENCE_GRAPHS_BELOW_PULSES, False, False)]:
+        big = torch.zeros(1, 1, 16).expand(n, 1, 16)
+        assert dom_fused._use_graphs({}, big, autograd) is want
+        assert dom_fused._use_graphs(dict(graphs=False), big, autograd) is False
     # several heads from merge_below_pulses: size classes, which graphs do not replay
     assert dom_fused._graph_config(torch.zeros(4, 8, 16), {}, 1 << 20) is None
     with pytest.raises(ValueError, match="size classes"):
         dom_fused._graph_config(torch.zeros(4, 8, 16), dict(graphs=True), 1 << 20)
     assert dom_fused._graph_config(torch.zeros(4, 1, 128, dtype=torch.bfloat16), {}, 1 << 20)["concurrent"] is True
+    # one fp32 head: a training step keeps the merged launch (graphed); inference from merge_below_pulses has size
+    # classes (eager)
+    q32 = torch.zeros(4, 1, 128)
+    assert dom_fused._graph_config(q32, {}, 1 << 20)["merged"] is True
+    assert dom_fused._graph_config(q32, {}, 1 << 20, autograd=False) is None
+    assert dom_fused._graph_config(q32, {}, 1 << 16, autograd=False) is not None
+
+
+def _infer(batch, q, k, v, scale, **config):
+    with torch.no_grad():
+        return dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                             scale, **config)
 
 
 def _step(batch, q, k, v, g, scale, **config):
@@ -119,6 +142,16 @@ def _step(batch, q, k, v, g, scale, **config):
     out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
                                         scale, **config)
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), g)]
+
+
+def _batch_with_455(n_doms, sizes_seed, at, n_heads, head_dim, dtype, seed, buckets):
+    """A CUDA IceCube-like batch of ``n_doms`` DOMs with a 455-pulse DOM at index ``at``, and random q, k, v; adds
+    its pulse bucket to ``buckets``."""
+    sizes = icecube_like_sizes(n_doms, seed=sizes_seed)
+    sizes[at] = 455
+    batch = batch_from_dom_sizes(sizes, seed=seed).to("cuda")
+    buckets.add(dom_graphs.bucket_for(batch.n_pulses, dom_graphs.MIN_BUCKET, dom_graphs.STEPS_PER_OCTAVE))
+    return (batch, *random_qkv(batch.n_pulses, n_heads, head_dim, dtype=dtype, device="cuda", seed=seed))
 
 
 @needs_cuda
@@ -132,11 +165,7 @@ def test_graphed_training_steps_match_eager_and_reference(dtype, n_heads, head_d
     scale = head_dim ** -0.5
     before, buckets = dom_graphs.captures, set()
     for i, n_doms in enumerate([3000, 3050, 9000]):
-        sizes = icecube_like_sizes(n_doms, seed=10 + i)
-        sizes[n_doms // 2] = 455
-        batch = batch_from_dom_sizes(sizes, seed=i).to("cuda")
-        buckets.add(dom_graphs.bucket_for(batch.n_pulses, dom_graphs.MIN_BUCKET, dom_graphs.STEPS_PER_OCTAVE))
-        q, k, v = random_qkv(batch.n_pulses, n_heads, head_dim, dtype=dtype, device="cuda", seed=i)
+        batch, q, k, v = _batch_with_455(n_doms, 10 + i, n_doms // 2, n_heads, head_dim, dtype, i, buckets)
         g = torch.randn((batch.n_doms, n_heads, head_dim), device="cuda").to(dtype)
         eager = _step(batch, q, k, v, g, scale, graphs=False)
         graphed = _step(batch, q, k, v, g, scale)
@@ -152,6 +181,48 @@ def test_graphed_training_steps_match_eager_and_reference(dtype, n_heads, head_d
         errs = reference_errors(attend, batch, q, k, v, g, scale)
         assert max(errs) <= TOLERANCE[dtype], errs
     assert dom_graphs.captures - before == 2 * len(buckets)  # a forward and a backward graph per bucket
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_heads,head_dim", [(1, 128), (8, 16)])
+def test_graphed_inference_matches_eager_and_reference(dtype, n_heads, head_dim):
+    """An inference forward (no autograd) replays graphs of its own, one per bucket: each batch's output equals the
+    eager launches' bit for bit, on the capture and on a replay, and is within tolerance of the float64 reference;
+    an output of an earlier call stays valid after later ones."""
+    from iceaggr_lib.backends import get_backend
+    from iceaggr_lib.testing import rel_err
+
+    dom_graphs.clear()
+    scale = head_dim ** -0.5
+    before, buckets, kept = dom_graphs.captures, set(), []
+    ref = get_backend("reference")
+    for i, n_doms in enumerate([3000, 3050, 9000]):
+        batch, q, k, v = _batch_with_455(n_doms, 20 + i, n_doms // 3, n_heads, head_dim, dtype, i, buckets)
+        eager = _infer(batch, q, k, v, scale, graphs=False)
+        graphed, again = _infer(batch, q, k, v, scale), _infer(batch, q, k, v, scale)
+        assert torch.equal(eager, graphed) and torch.equal(eager, again)
+        kept.append((graphed, eager))
+        with torch.no_grad():
+            want = ref.attend(q.double(), k.double(), v.double(), batch,
+                              ref.prepare(batch, n_heads, head_dim, torch.float64), scale)
+        assert rel_err(graphed, want) <= TOLERANCE[dtype]
+    assert all(torch.equal(a, b) for a, b in kept)
+    assert dom_graphs.captures - before == len(buckets)
+
+
+@needs_cuda
+def test_inference_graphs_only_below_their_threshold(monkeypatch):
+    """Under "auto" an inference forward from INFERENCE_GRAPHS_BELOW_PULSES pulses launches eagerly (no capture);
+    graphs=True replays at any size; both give the eager result."""
+    dom_graphs.clear()
+    batch = batch_from_dom_sizes(icecube_like_sizes(800, seed=4), seed=4).to("cuda")
+    q, k, v = random_qkv(batch.n_pulses, 1, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    monkeypatch.setattr(dom_fused, "INFERENCE_GRAPHS_BELOW_PULSES", batch.n_pulses)
+    eager = _infer(batch, q, k, v, 128 ** -0.5, graphs=False)
+    before = dom_graphs.captures
+    assert torch.equal(_infer(batch, q, k, v, 128 ** -0.5), eager) and dom_graphs.captures == before
+    assert torch.equal(_infer(batch, q, k, v, 128 ** -0.5, graphs=True), eager) and dom_graphs.captures == before + 1
 
 
 @needs_cuda

@@ -10,8 +10,9 @@ backward: one or two for the tiles plus two for the large DOMs. Launches go thro
 ``triton_launch.FastLaunch`` (Triton's own launch less its host overhead), and independent ones run side
 by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` pulses
 (``triton_launch.run_concurrently``), so the few long programs of a launch do not leave the GPU idle. A training
-step replays its launches from CUDA graphs that serve any batch of a pulse bucket (``dom_graphs``, config ``graphs``):
-the kernels then read their tensors and N from an argument buffer (``INDIRECT``).
+step below 400k pulses, and an inference forward below 64k, replay their launches from CUDA graphs that serve any
+batch of a pulse bucket (``dom_graphs``, config ``graphs``): the kernels then read their tensors and N from
+an argument buffer (``INDIRECT``).
 
 * Small DOMs (``n <= T`` pulses; ~all of them on IceCube data) that start in the window end inside
   ``[t*T, t*T + 2T)``, so one masked ``2T x 2T`` tile holds all of them: scores ``Q K^T``, a
@@ -126,8 +127,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
     (``_bwd_large_kernel``), True, False or "auto" (the default: fp32 only, see ``DomFusedAttention``); ``graphs``:
-    whether a training step replays its launches from CUDA graphs that serve any batch (``dom_graphs``), True,
-    False or "auto" (the default: wherever they apply)."""
+    whether a training step and an inference forward replay their launches from CUDA graphs that serve any batch
+    (``dom_graphs``), True, False or "auto" (the default: wherever they apply, below ``TRAINING_GRAPHS_BELOW_PULSES``
+    / ``INFERENCE_GRAPHS_BELOW_PULSES``)."""
     # Each default is a configuration measured on the H100 (docs/dom_fused_notes.md, run 6 for head_loop).
     multi = n_heads > 1  # 8x16: 4,096 events bf16 fwd 1.97 -> 1.40 ms with head_loop and (16, 32) tiles
     # head_batch "auto" (run 15): 8x16 4,096 events forward bf16 1.53 -> 1.10 ms, fp32 4.48 -> 2.95
@@ -850,6 +852,24 @@ def _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts):
 CONCURRENT_ABOVE_PULSES = 64_000
 
 
+# Under graphs="auto" a call replays its launches from CUDA graphs (dom_graphs) below these pulse counts, where a
+# stream of calls is bound by host dispatch; above them the graphed launches cost more GPU time than the replay saves
+# on the host (~5 % at 4,096 events; likely the bucket's extra programs, the fetch launch and the kernels'
+# arguments read from a buffer, not timed apart). Measured on the grid's step (bench._make_step, bench.time_calls medians, bf16 1x128, eager /
+# graphed ms):
+# - inference forward (runs 118 and 121-122): 8-256 events (721-29k pulses) 0.057-0.089 / 0.028-0.049 (run 121),
+#   16 events 0.0183 / 0.0118 (run 118); 1,024 events (141k) 0.085 / 0.087 (run 122; do_bench 0.0732 / 0.0735, run
+#   118), 2,048 (315k) 0.181 / 0.191, 4,096 (646k) 0.383 / 0.400 (run 122); 8x16 at 1,024 events do_bench 0.203 /
+#   0.210 (run 118). So as CONCURRENT_ABOVE_PULSES, the same boundary between host- and GPU-bound forwards.
+# - training step, forward + backward (run 122): 1,024 events 0.352 / 0.334, 2,048 (315k) 0.814 / 0.801, 3,072
+#   (474k) 1.082 / 1.107, 4,096 (646k) 1.645 / 1.710; on slower hosts the graphs gain far more at 1,024 events
+#   (eager 0.59-0.75 against graphed 0.34-0.52, runs 112 and 121). (Several heads have size classes from 400k
+#   pulses anyway.)
+# graphs=True replays at every size.
+TRAINING_GRAPHS_BELOW_PULSES = 400_000
+INFERENCE_GRAPHS_BELOW_PULSES = CONCURRENT_ABOVE_PULSES
+
+
 def _concurrency(setting, n_pulses: int, autograd: bool) -> bool:
     """``concurrent`` / ``bwd_concurrent`` = True, False or "auto" (see CONCURRENT_ABOVE_PULSES): whether a
     call runs its independent launches on two streams (CUDA only: see ``_side_stream``)."""
@@ -1022,9 +1042,8 @@ class DomFusedAttention(torch.autograd.Function):
             save = q.dtype == torch.float32  # measured above
         if not isinstance(save, bool):
             raise ValueError(f"dom_fused: save_forward must be True, False or 'auto', got {save!r}")
-        graphs = _graphs_setting(config, q)
-        result = None if graphs is False else dom_graphs.forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts,
-                                                                 scale, save, config)
+        result = dom_graphs.forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config) \
+            if _use_graphs(config, q, True) else None
         ctx.graphed = result is not None  # (then the backward replays a graph too, where it can)
         if result is None:
             result = _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, config)
@@ -1055,11 +1074,22 @@ def _training_defaults(q, config: dict) -> None:
         config.setdefault("merged", True)
 
 
+def _use_graphs(config, q, autograd: bool) -> bool:
+    """Whether a training step (``autograd``) or an inference forward tries CUDA-graph replays (``dom_graphs``, which
+    still launches eagerly where no graph applies): ``graphs`` True, or "auto" below ``TRAINING_GRAPHS_BELOW_PULSES``
+    / ``INFERENCE_GRAPHS_BELOW_PULSES``."""
+    setting = _graphs_setting(config, q)
+    if setting == "auto":
+        return q.shape[0] < (TRAINING_GRAPHS_BELOW_PULSES if autograd else INFERENCE_GRAPHS_BELOW_PULSES)
+    return setting
+
+
 def _graphs_setting(config, q):
-    """``graphs``: "auto" (the default) or True replay a training step from CUDA graphs where ``dom_graphs`` can,
-    False launches eagerly. True raises a ValueError for CPU tensors and for plans with size classes
-    (``_graph_config``); misaligned tensors launch eagerly under either. An inference forward (no autograd) always
-    launches eagerly."""
+    """``graphs``: "auto" (the default) or True replay a training step (under "auto" below
+    ``TRAINING_GRAPHS_BELOW_PULSES``) and an inference forward (``dom_fused_attention`` without autograd; under
+    "auto" below ``INFERENCE_GRAPHS_BELOW_PULSES``) from CUDA graphs where ``dom_graphs`` can; False launches eagerly.
+    True raises a ValueError for CPU tensors and for plans with size classes (``_graph_config``); misaligned
+    tensors launch eagerly under either. (``fused_forward`` always launches eagerly.)"""
     setting = config.get("graphs", "auto")
     if setting not in ("auto", True, False):
         raise ValueError(f"dom_fused: graphs must be True, False or 'auto', got {setting!r}")
@@ -1068,16 +1098,17 @@ def _graphs_setting(config, q):
     return setting
 
 
-def _graph_config(q, config, bucket):
-    """The config of a training step's launches inside CUDA graphs (``dom_graphs``), or None where the step
-    launches eagerly: a plan with size classes at the bucket's pulse count (their lists and scratch are not read
-    through the argument buffer). Inside graphs the independent launches run on two streams (free at replay)
-    unless the config says otherwise."""
+def _graph_config(q, config, bucket, autograd=True):
+    """The config of a training step's (``autograd``) or an inference forward's launches inside CUDA graphs
+    (``dom_graphs``), or None where the call launches eagerly: a plan with size classes at the bucket's pulse count
+    (their lists and scratch are not read through the argument buffer). Inside graphs the independent launches run
+    on two streams (free at replay) unless the config says otherwise."""
     graph_config = {key: val for key, val in config.items() if key not in ("graphs", "save_forward")}
     for key in ("concurrent", "bwd_concurrent"):
         if graph_config.get(key, "auto") == "auto":
             graph_config[key] = True
-    _training_defaults(q, graph_config)
+    if autograd:
+        _training_defaults(q, graph_config)
     plan = _resolve(q.dtype, q.shape[2], q.shape[1], bucket,
                     **{key: val for key, val in graph_config.items() if key not in ("concurrent", "bwd_concurrent")})
     if plan.size_classes:
@@ -1093,7 +1124,13 @@ def dom_fused_attention(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale=Non
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        # nothing to differentiate: skip autograd.Function's host overhead (~10-15 µs a call)
+        # nothing to differentiate: skip autograd.Function's host overhead (~10-15 µs a call), and replay the
+        # launches from a graph where one applies and pays (INFERENCE_GRAPHS_BELOW_PULSES)
+        if _use_graphs(config, q, False):
+            result = dom_graphs.forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, float(scale), False, config,
+                                        autograd=False)
+            if result is not None:
+                return result[0]
         return fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, float(scale), **config)
     # fused_forward (in DomFusedAttention.forward) checks the inputs
     return DomFusedAttention.apply(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, float(scale), config)

@@ -1,4 +1,5 @@
-"""dom_fused's training step as CUDA-graph replays that serve every batch: one graph per pulse bucket.
+"""dom_fused's training step and inference forward as CUDA-graph replays that serve every batch: one graph per
+pulse bucket.
 
 Why: at ~1,000 events a training step's kernels take ~0.3 ms of GPU time, but launching them eagerly (two forward
 and three backward Triton launches, their argument lists, four allocations) costs the lent H100's host 0.3-0.6 ms
@@ -24,9 +25,15 @@ The first call of a bucket runs the same launches eagerly (compiling them) and t
 (milliseconds, a device synchronisation). Graphs are keyed by everything they bake in: device and current stream,
 dtype, head shape, the q / k / v / grad_out strides, the scale, the config and the bucket.
 
-Used by ``DomFusedAttention`` under ``graphs="auto"`` (the default): a CUDA training step whose plan has no size
-classes (one head at any size; several heads below ``merge_below_pulses``), outside any caller's own capture, with
-16-byte-aligned tensors. Elsewhere the eager launches run.
+An inference forward (``dom_fused_attention`` without autograd) replays graphs of its own, with the inference plan.
+
+Used by ``DomFusedAttention`` and ``dom_fused_attention`` under ``graphs="auto"`` (the default) for CUDA calls
+below ``dom_fused.TRAINING_GRAPHS_BELOW_PULSES`` (400k) / ``INFERENCE_GRAPHS_BELOW_PULSES`` (64k), where a stream
+of calls is bound by host dispatch (above them the graphed launches cost ~5 % more GPU time than the eager ones,
+and the host no longer hides it), whose plan has no size classes (the training plan: one head at any size, several
+heads below ``merge_below_pulses``; the inference plan also has size classes for one fp32 head from
+``merge_below_pulses``), outside any caller's own capture, with 16-byte-aligned tensors. Elsewhere the eager
+launches run. (``graphs.GraphedDomForward``, which captures the whole layer, turns them off.)
 """
 
 from __future__ import annotations
@@ -163,9 +170,10 @@ def _replay(key, values, new_entry, launches):
     return entry
 
 
-def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config):
-    """``dom_fused._forward(autograd=True)`` by graph replay: (out, saved, t_fwd), or None where no graph applies
-    (then the caller launches eagerly)."""
+def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config, autograd=True):
+    """``dom_fused._forward`` by graph replay: (out, saved, t_fwd), or None where no graph applies (then the caller
+    launches eagerly). ``autograd``: a training step's forward (its plan, ``_training_defaults``); False: an
+    inference forward (``save`` False), with the inference plan, in graphs of its own."""
     from iceaggr_lib.backends import dom_fused
 
     n, n_heads, dh = q.shape
@@ -173,7 +181,8 @@ def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config):
         return None
     dom_fused._check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)  # (as the eager path: errors name them)
     bucket = bucket_for(n, MIN_BUCKET, STEPS_PER_OCTAVE)
-    key = _key("fwd", q, k, v, scale, config, (save, bucket, cu_seqlens.dtype, pulse_to_dom.dtype, dom_counts.dtype))
+    key = _key("fwd" if autograd else "inf", q, k, v, scale, config,
+               (save, bucket, cu_seqlens.dtype, pulse_to_dom.dtype, dom_counts.dtype))
     if _ENTRIES.get(key, False) is None:  # (a config whose plan has size classes: eager)
         return None
     q_stride, k_stride, v_stride = key[5:8]
@@ -187,12 +196,12 @@ def forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, save, config):
     values = values[:3] + (out.data_ptr(), saved.data_ptr()) + values[5:]
 
     def new_entry():
-        graph_config = dom_fused._graph_config(q, config, bucket)
+        graph_config = dom_fused._graph_config(q, config, bucket, autograd)
         return None if graph_config is None else _Entry(q.device, graph_config)
 
     def launches(entry):  # (the tensors given here only specialise the kernels; they read the buffer's)
         entry.fetch()
-        return dom_fused._forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, True, save, entry.config,
+        return dom_fused._forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, entry.config,
                                   out=out, saved=saved, indirect=(entry.args, bucket))[2]
 
     entry = _replay(key, values, new_entry, launches)

@@ -22,6 +22,10 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
   training loop overlaps the two the same way). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``;
   quantiles over its blocks.
 * ``prep_ms``: ``prepare`` alone, timed the same way.
+* ``host_ms`` (GPU): the host's time per call while issuing the timed calls (``time_calls_and_host``). Where
+  it reaches ``median_ms`` the point is bound by the host, and its reading moves with the lent machine's host
+  (docs/dom_fused_notes.md, run 121: up to 2x between series at such points). NaN on the CPU and in CSVs that
+  predate it.
 * ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during the warm-up pass over the rotated
   batches, minus what was allocated before it (the inputs): the memory the step itself needs. NaN on
   the CPU (not measured there).
@@ -66,8 +70,10 @@ from iceaggr_lib.envinfo import resolve_device
 from iceaggr_lib.testing import TOLERANCE, rel_err
 
 CSV_COLUMNS = ["backend", "dtype", "mode", "n_heads", "head_dim", "batch_size", "n_pulses", "n_doms",
-               "max_dom_pulses", "status", "message", "median_ms", "p20_ms", "p80_ms", "prep_ms",
+               "max_dom_pulses", "status", "message", "median_ms", "p20_ms", "p80_ms", "prep_ms", "host_ms",
                "first_call_ms", "peak_mem_mb", "rel_err", "device", "torch_version"]
+# columns added after reports were committed: read as NaN from a CSV that predates them
+LATER_COLUMNS = ("host_ms",)
 STATUSES = ("ok", "oom", "unsupported", "error")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -197,6 +203,16 @@ def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, 
     kernels are not yet issued). CPU: ``torch.utils.benchmark.Timer.blocked_autorange``
     run for about ``n_calls`` calls (at least 50 ms, at most ``max_run_s``); one time per block.
     """
+    return time_calls_and_host(fn, device, n_calls, est_ms, max_run_s)[0]
+
+
+def time_calls_and_host(fn: Callable, device: torch.device, n_calls: int, est_ms: float,
+                        max_run_s: float) -> tuple[np.ndarray, float]:
+    """``time_calls``, and on CUDA the host's time per call in ms: the wall time of the loop that issues the calls
+    (flush, events and ``fn``; the final synchronisation left out) over ``n_calls``. Well below the median GPU
+    time, the GPU bounds the point. Where it reaches the median, the point is bound by the host and its reading moves
+    with the host's speed, unless the host was waiting for the GPU (a full launch queue, or a synchronisation
+    inside ``fn``). NaN on CPU (there every time is the host's)."""
     if device.type == "cuda":
         flush = _L2_FLUSH.get(device)
         if flush is None:
@@ -204,19 +220,21 @@ def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, 
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
         torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         for i in range(n_calls):
             flush.zero_()
             starts[i].record()
             fn()
             ends[i].record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / n_calls
         torch.cuda.synchronize(device)
-        return np.array([s.elapsed_time(e) for s, e in zip(starts, ends)])
+        return np.array([s.elapsed_time(e) for s, e in zip(starts, ends)]), host_ms
     from torch.utils.benchmark import Timer
 
     min_run_time = min(max(0.05, n_calls * est_ms / 1e3), max_run_s)
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    return np.asarray(m.times) * 1e3
+    return np.asarray(m.times) * 1e3, float("nan")
 
 
 def _dynamo_frames() -> int:
@@ -345,7 +363,7 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
     est_ms = min(warm)
     n_calls = int(np.clip(cfg.time_budget_s * 1e3 / max(est_ms, 1e-3), cfg.min_calls, cfg.repeats))
     frames_before = _dynamo_frames()
-    times = time_calls(step, device, n_calls, est_ms, cfg.time_budget_s)
+    times, host_ms = time_calls_and_host(step, device, n_calls, est_ms, cfg.time_budget_s)
     compiled = _dynamo_frames() - frames_before
     if compiled:
         notes.append(f"warning: {compiled} dynamo frame compilations inside the timed calls")
@@ -360,8 +378,8 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
         notes.insert(0, f"wrong result: rel_err {rel:.3g} > tolerance {tol:g}")
     return dict(status=status, message="; ".join(notes), median_ms=float(np.median(times)),
                 p20_ms=float(np.quantile(times, 0.2)), p80_ms=float(np.quantile(times, 0.8)),
-                prep_ms=float(np.median(prep_times)), first_call_ms=first_call_ms, peak_mem_mb=peak_mb,
-                rel_err=rel, _est_ms=est_ms)
+                prep_ms=float(np.median(prep_times)), host_ms=host_ms, first_call_ms=first_call_ms,
+                peak_mem_mb=peak_mb, rel_err=rel, _est_ms=est_ms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,6 +474,7 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
                                        head_dim=head_dim, batch_size=batch_size, device=str(device),
                                        torch_version=torch.__version__, median_ms=float("nan"),
                                        p20_ms=float("nan"), p80_ms=float("nan"), prep_ms=float("nan"),
+                                       host_ms=float("nan"),
                                        first_call_ms=float("nan"), peak_mem_mb=float("nan"),
                                        rel_err=float("nan"), message="")
                             if inputs is not None:
@@ -520,6 +539,9 @@ def _measure(backend, inputs, load_error, mode, dtype, device, cfg, stopped, las
 def read_results(csv_path: str | Path) -> pd.DataFrame:
     """A benchmark CSV as a DataFrame with numeric columns parsed (message never NaN)."""
     df = pd.read_csv(csv_path, dtype={"message": "string"})
+    for c in LATER_COLUMNS:
+        if c not in df.columns:
+            df[c] = float("nan")
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{csv_path}: not a benchmark CSV, missing columns {missing}")

@@ -105,7 +105,8 @@ def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
 
 def winners(df: pd.DataFrame) -> pd.DataFrame:
-    """The fastest correct backend at each (mode, dtype, heads, batch size), with the runner-up."""
+    """The fastest correct backend at each (mode, dtype, heads, batch size), with the runner-up, and the winner's
+    host time per call (``host_ms``: where it reaches median_ms, the point is bound by the host)."""
     ok = ok_rows(df)
     rows = []
     for key, g in ok.groupby(GROUP, sort=True):
@@ -114,7 +115,7 @@ def winners(df: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(GROUP, key), winner=best["backend"], median_ms=best["median_ms"],
                    runner_up=g.iloc[1]["backend"] if len(g) > 1 else "",
                    runner_up_ms=g.iloc[1]["median_ms"] if len(g) > 1 else np.nan,
-                   n_pulses=best["n_pulses"])
+                   n_pulses=best["n_pulses"], host_ms=best.get("host_ms", np.nan))
         row["margin"] = row["runner_up_ms"] / row["median_ms"]
         if "floor_ms" in g:
             row["x_floor"] = best["median_ms"] / best["floor_ms"]
@@ -298,7 +299,8 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
     if not win.empty:
         lines += ["## Winner per regime", "", markdown_table(regimes(win)), "## Fastest backend per point", ""]
         cols = ["mode", "dtype", "n_heads", "batch_size", "n_pulses", "winner", "median_ms", "runner_up",
-                "runner_up_ms", "margin"] + (["x_floor"] if "x_floor" in win else [])
+                "runner_up_ms", "margin"] + (["x_floor"] if "x_floor" in win else []) \
+            + (["host_ms"] if win["host_ms"].notna().any() else [])  # (NaN in CSVs from before host_ms)
         lines.append(markdown_table(win[cols]))
     for baseline in ("loop", "flex_dense"):
         sp = speedups(df, baseline)

@@ -4,6 +4,7 @@ import csv
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -68,6 +69,7 @@ def test_csv_columns_exact_and_one_row_per_point(tmp_path):
     assert (ok["median_ms"] > 0).all() and (ok["first_call_ms"] > 0).all() and (ok["prep_ms"] >= 0).all()
     assert (ok["p20_ms"] <= ok["median_ms"] + 1e-9).all() and (ok["median_ms"] <= ok["p80_ms"] + 1e-9).all()
     assert ok["peak_mem_mb"].isna().all()  # not measured on the CPU, by design
+    assert ok["host_ms"].isna().all()  # likewise: every CPU time is the host's
     assert (ok["head_dim"] * ok["n_heads"] == 16).all()
     assert (ok["device"] == "cpu").all() and (ok["torch_version"] == torch.__version__).all()
 
@@ -225,3 +227,18 @@ def test_cuda_rows_measure_memory(tmp_path):
     df = run_grid(source, cfg, tmp_path / "b.csv", progress=False)
     assert (df["status"] == "ok").all(), df["message"].tolist()
     assert (df["peak_mem_mb"] > 0).all() and df["device"].str.startswith("cuda").all()
+    assert (df["host_ms"] > 0).all()  # the host's time per call while issuing the timed calls
+
+
+def test_csv_from_before_host_ms_reads_with_nan(tmp_path):
+    """A committed report's CSV written before the host_ms column reads with host_ms NaN (a later column), while
+    a CSV missing any other column is rejected, naming the file."""
+    cfg = small_cfg()
+    run_grid(source, cfg, tmp_path / "b.csv", progress=False)
+    old = pd.read_csv(tmp_path / "b.csv").drop(columns=["host_ms"])
+    old.to_csv(tmp_path / "old.csv", index=False)
+    back = read_results(tmp_path / "old.csv")
+    assert list(back.columns[:len(old.columns)]) == list(old.columns) and back["host_ms"].isna().all()
+    old.drop(columns=["prep_ms"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv.*prep_ms"):
+        read_results(tmp_path / "bad.csv")

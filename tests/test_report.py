@@ -11,10 +11,11 @@ from iceaggr_lib import envinfo, report, results
 from iceaggr_lib.bench import CSV_COLUMNS
 
 
-def row(backend, b, median, mode="forward", dtype="float32", heads=1, status="ok", first=None, message=""):
+def row(backend, b, median, mode="forward", dtype="float32", heads=1, status="ok", first=None, message="",
+        host=np.nan):
     return dict(backend=backend, dtype=dtype, mode=mode, n_heads=heads, head_dim=128 // heads, batch_size=b,
                 n_pulses=100 * b, n_doms=60 * b, max_dom_pulses=30, status=status, message=message, median_ms=median,
-                p20_ms=median, p80_ms=median, prep_ms=0.0, first_call_ms=first if first else 2 * median,
+                p20_ms=median, p80_ms=median, prep_ms=0.0, host_ms=host, first_call_ms=first if first else 2 * median,
                 peak_mem_mb=1.0, rel_err=0.0, device="cuda:0", torch_version="2.x")
 
 
@@ -72,6 +73,16 @@ def test_summary_markdown_is_computed_from_the_rows():
     assert "33.3" in md  # the seed's table, labelled as the seed's
     assert "seed's published numbers" in md
     assert "nan" not in md.lower().replace("nanogpt", "")
+
+
+def test_winners_table_shows_host_time_where_measured():
+    """The per-point table carries the winner's host_ms once a run measured it, and leaves the column out for
+    CSVs from before it (all NaN), so no 'nan' reaches the summary."""
+    rows = [row("padded", 4, 1.0, host=0.9), row("flex_dense", 4, 2.0, host=0.3)]
+    md = results.summary_markdown(results.with_derived(table(rows), ENV), ENV)
+    assert "| host_ms |" in md and "| 0.9 |" in md
+    md = results.summary_markdown(results.with_derived(table([row("padded", 4, 1.0)]), ENV), ENV)
+    assert "host_ms" not in md and "nan" not in md.lower().replace("nanogpt", "")
 
 
 def test_load_names_the_missing_file(tmp_path):

@@ -68,6 +68,26 @@ def batch_from_dom_sizes(dom_sizes, doms_per_event: int | None = None, seed: int
     )
 
 
+# A backend that materialises every N x N score (flex_dense_eager on CPU) needs a bounded batch: one random
+# 20-event sample in ten holds a bright event of up to ~48k pulses (the data's tail reaches 110k per event), whose
+# fp32 scores for one head are ~9 GB before softmax's temporaries (a CI run here was OOM-killed at 24 GB).
+DENSE_SCORE_MAX_PULSES = 6000
+
+
+def realistic_batch(n_events: int, seed: int, max_pulses: int | None = None, tries: int = 100):
+    """(batch, seed): the first ``n_events`` events of ``iceaggr_lib.data.sample.generate_table(n_events, seed)``;
+    with ``max_pulses``, seeds ``seed``, ``seed + 1``, ... until the batch has at most that many pulses (a
+    ValueError naming the bound after ``tries``)."""
+    from iceaggr_lib.data.sample import generate_table
+
+    for s in range(seed, seed + tries):
+        batch = generate_table(n_events, s).batch(0, n_events)
+        if max_pulses is None or batch.n_pulses <= max_pulses:
+            return batch, s
+    raise ValueError(f"realistic_batch: no {n_events}-event sample within {max_pulses} pulses in {tries} seeds "
+                     f"from {seed}")
+
+
 def random_qkv(n_pulses: int, n_heads: int, head_dim: int, dtype=torch.float32, device="cpu", seed: int = 0,
                requires_grad: bool = False):
     """Fresh random (N, H, Dh) q, k, v (never zeros: zeros hide unwritten outputs)."""

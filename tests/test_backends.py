@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from iceaggr_lib.backends import UnsupportedError, available_backends, dom_attention, get_backend
-from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, random_qkv, rel_err
+from iceaggr_lib.testing import (DENSE_SCORE_MAX_PULSES, TOLERANCE, batch_from_dom_sizes, random_qkv, realistic_batch,
+                                 rel_err)
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -134,11 +135,23 @@ def test_cpu_compiled_flex_block_forward():
 
 @pytest.mark.parametrize("name", ["loop", "padded", "flex_dense_eager"])
 def test_cpu_realistic_batch(name):
-    seed = fresh_seed()
     n_events = 6 if name == "loop" else 20
-    batch = sample_table(n_events, seed).batch(0, n_events)
+    # (flex_dense_eager materialises N x N scores: its batch is bounded, see DENSE_SCORE_MAX_PULSES)
+    max_pulses = DENSE_SCORE_MAX_PULSES if name == "flex_dense_eager" else None
+    batch, seed = realistic_batch(n_events, fresh_seed(), max_pulses)
     mode = "forward" if name.startswith("flex") else "forward_backward"
     check_against_reference(name, batch, 1, 128, torch.float32, "cpu", mode, seed)
+
+
+def test_realistic_batch_bound_redraws_and_names_itself():
+    """``realistic_batch`` with ``max_pulses`` draws the next seeds until the sample fits, and says so when none
+    does."""
+    seeds = [s for s in range(40) if realistic_batch(20, s)[0].n_pulses > DENSE_SCORE_MAX_PULSES]
+    assert seeds, "no bright 20-event sample in 40 seeds: the bound would test nothing"
+    batch, seed = realistic_batch(20, seeds[0], DENSE_SCORE_MAX_PULSES)
+    assert batch.n_pulses <= DENSE_SCORE_MAX_PULSES and seed > seeds[0]
+    with pytest.raises(ValueError, match="within 1 pulses in 3 seeds"):
+        realistic_batch(20, 0, max_pulses=1, tries=3)
 
 
 EDGE_SIZES = {

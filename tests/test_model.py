@@ -11,37 +11,18 @@ import torch
 
 from iceaggr_lib.backends import UnsupportedError, get_backend
 from iceaggr_lib.model import DOMAggregator
-from iceaggr_lib.testing import TOLERANCE, batch_from_dom_sizes, rel_err
+from iceaggr_lib.testing import (DENSE_SCORE_MAX_PULSES, TOLERANCE, batch_from_dom_sizes, realistic_batch,
+                                 rel_err)
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 HAVE_CUDA = torch.cuda.is_available()
 
 
-def realistic_batch(n_events: int, seed: int):
-    try:
-        from iceaggr_lib.data.sample import generate_table
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"iceaggr_lib.data.sample.generate_table not importable: {e}")
-    return generate_table(n_events, seed).batch(0, n_events)
-
-
-# flex_dense_eager materialises every (N x N) score per head: a random 20-event sample can hold a bright event of
-# tens of thousands of pulses (the tail reaches 110k), and 8 heads of 40k x 40k fp32 scores are 51 GB (a CI run
-# was killed by the OOM killer at 24 GB). Its batches are drawn again until they fit this many pulses.
-MAX_PULSES = {"flex_dense_eager": 6000}
-
-
 def compare_with_reference(backend, n_heads, device, dtype, n_events):
-    seed = secrets.randbits(31)
-    batch = realistic_batch(n_events, seed)
-    for _ in range(100):  # (a few draws at most: a batch of 20 events is ~1.5k pulses)
-        if batch.n_pulses <= MAX_PULSES.get(backend, batch.n_pulses):
-            break
-        seed = secrets.randbits(31)
-        batch = realistic_batch(n_events, seed)
-    else:
-        pytest.fail(f"no {n_events}-event batch within {MAX_PULSES[backend]} pulses in 100 draws")
+    # (flex_dense_eager materialises N x N scores: its batch is bounded, see DENSE_SCORE_MAX_PULSES)
+    max_pulses = DENSE_SCORE_MAX_PULSES if backend == "flex_dense_eager" else None
+    batch, seed = realistic_batch(n_events, secrets.randbits(31), max_pulses)
     torch.manual_seed(seed)
     batch = batch.to(device)
     model = DOMAggregator(n_heads=n_heads, backend=backend).to(device=device, dtype=dtype)

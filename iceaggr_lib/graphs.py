@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from iceaggr_lib.backends.dom_fused import dom_fused_attention
-from iceaggr_lib.backends.dom_graphs import bucket_for  # noqa: F401 - (where it lived before; the layer's buckets)
+from iceaggr_lib.backends.dom_graphs import bucket_for  # (the layer's buckets are dom_graphs' bucket sizes)
 from iceaggr_lib.collate import DomBatch
 from iceaggr_lib.fused_projection import fused_qkv, supports
 

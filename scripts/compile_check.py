@@ -98,6 +98,11 @@ def _report(name, way, compiled, args):
         print(f"{name} {way:<8} {role:<6} {tiles} warps {kw['num_warps']}: ok  {res}", flush=True)
 
 
+def _failed(name, e) -> None:
+    msg = str(e).strip().splitlines()
+    print(f"{name} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+
+
 def graphed_plans(batch, compiled, args) -> int:
     """The launches of a graphed training step and inference forward (``dom_graphs``): the kernels with ``INDIRECT``
     (tensors and N read from the argument buffer) on the grids of a bucket of twice the batch's rows, for every dtype
@@ -133,8 +138,7 @@ def graphed_plans(batch, compiled, args) -> int:
                                      scratch=torch.empty(bucket, heads, 2), indirect=(buf, bucket), **cfg)
         except Exception as e:  # report and carry on with the other plans
             failures += 1
-            msg = str(e).strip().splitlines()
-            print(f"{name} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+            _failed(f"{name} train", e)
             continue
         _report(name, "train", compiled, args)
         compiled.clear()
@@ -147,8 +151,7 @@ def graphed_plans(batch, compiled, args) -> int:
                                saved=out, indirect=(buf, bucket))
         except Exception as e:
             failures += 1
-            msg = str(e).strip().splitlines()
-            print(f"{name} inference FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+            _failed(f"{name} infer", e)
             continue
         _report(name, "infer", compiled, args)
     return failures
@@ -212,8 +215,7 @@ def main(argv=None) -> int:
                     dom_fused.fused_backward(g, q, q, q, *idx, dh ** -0.5, **cfg)
             except Exception as e:  # report and carry on with the other plans
                 failures += 1
-                msg = str(e).strip().splitlines()
-                print(f"{name} {way:<8} FAILED: {type(e).__name__}: {' | '.join(msg[:3])[:300]}", flush=True)
+                _failed(f"{name} {way:<8}", e)
                 continue
             _report(name, way, compiled, args)
     failures += graphed_plans(batch, compiled, args)

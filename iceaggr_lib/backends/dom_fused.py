@@ -855,15 +855,15 @@ CONCURRENT_ABOVE_PULSES = 64_000
 # Under graphs="auto" a call replays its launches from CUDA graphs (dom_graphs) below these pulse counts, where a
 # stream of calls is bound by host dispatch; above them the graphed launches cost more GPU time than the replay saves
 # on the host (~5 % at 4,096 events; likely the bucket's extra programs, the fetch launch and the kernels'
-# arguments read from a buffer, not timed apart). Measured on the grid's step (bench._make_step, bench.time_calls medians, bf16 1x128, eager /
-# graphed ms):
-# - inference forward (runs 118 and 121-122): 8-256 events (721-29k pulses) 0.057-0.089 / 0.028-0.049 (run 121),
+# arguments read from a buffer, not timed apart). Measured on the grid's step (bench._make_step, bench.time_calls
+# medians, bf16 1x128, eager / graphed ms):
+# - inference forward (runs 118 and 121-122): 8-256 events (721-29k pulses) 0.057-0.089 / 0.028-0.053 (run 121),
 #   16 events 0.0183 / 0.0118 (run 118); 1,024 events (141k) 0.085 / 0.087 (run 122; do_bench 0.0732 / 0.0735, run
 #   118), 2,048 (315k) 0.181 / 0.191, 4,096 (646k) 0.383 / 0.400 (run 122); 8x16 at 1,024 events do_bench 0.203 /
 #   0.210 (run 118). So as CONCURRENT_ABOVE_PULSES, the same boundary between host- and GPU-bound forwards.
 # - training step, forward + backward (run 122): 1,024 events 0.352 / 0.334, 2,048 (315k) 0.814 / 0.801, 3,072
 #   (474k) 1.082 / 1.107, 4,096 (646k) 1.645 / 1.710; on slower hosts the graphs gain far more at 1,024 events
-#   (eager 0.59-0.75 against graphed 0.34-0.52, runs 112 and 121). (Several heads have size classes from 400k
+#   (eager 0.59-0.75 against graphed 0.34-0.53, one series 0.84, runs 112 and 121). (Several heads have size classes from 400k
 #   pulses anyway.)
 # graphs=True replays at every size.
 TRAINING_GRAPHS_BELOW_PULSES = 400_000
@@ -895,6 +895,7 @@ def fused_forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd
 
 
 NOT_SAVED = 2**31 - 1  # ``t_fwd`` of a backward without a saved forward: no DOM is above it
+CALL_KEYS = ("save_forward", "graphs")  # config keys read by DomFusedAttention / dom_fused_attention, not plan keys
 
 
 def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config, out=None, saved=None,
@@ -905,9 +906,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     (``_bwd_large_kernel``, pass 1). ``out``, ``saved``: given by ``dom_graphs`` (allocated per call).
     ``indirect``: (the int64 argument buffer, the bucket's pulse count): the launches of a CUDA-graph capture
     (``dom_graphs``), their grids the bucket's, their tensors and N read from the buffer."""
-    config = dict(config)
-    for key in ("save_forward", "graphs"):  # (read by DomFusedAttention)
-        config.pop(key, None)
+    config = {key: val for key, val in config.items() if key not in CALL_KEYS}
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
     if autograd:
         _training_defaults(q, config)
@@ -919,7 +918,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     plan = _resolve(q.dtype, dh, n_heads, n, **config)
     (warps, stages), _ = plan.warps
     if indirect is not None and plan.size_classes:
-        raise ValueError("dom_fused: a CUDA-graph forward needs a plan without size_classes (dom_graphs.graphable)")
+        raise ValueError("dom_fused: a CUDA-graph forward needs a plan without size_classes (see _graph_config)")
     snhl = n_heads if plan.head_loop else 1
     if out is None:
         out = torch.empty((dom_counts.shape[0], n_heads, dh), device=q.device, dtype=q.dtype)
@@ -971,8 +970,7 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
     ``saved``, ``t_fwd``: what ``_forward(save=True)`` left (the large DOMs' O and log-sum-exp); without them
     the large DOMs' pass 1 recomputes those by an online-softmax sweep, into an fp32 (N, H, 2) ``scratch``.
     ``grads`` (dq, dk, dv), ``scratch``, ``indirect``: given by ``dom_graphs`` (see ``_forward``)."""
-    for key in ("save_forward", "graphs"):
-        config.pop(key, None)
+    config = {key: val for key, val in config.items() if key not in CALL_KEYS}
     _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n_rows, n_heads, dh = q.shape
@@ -1103,7 +1101,7 @@ def _graph_config(q, config, bucket, autograd=True):
     (``dom_graphs``), or None where the call launches eagerly: a plan with size classes at the bucket's pulse count
     (their lists and scratch are not read through the argument buffer). Inside graphs the independent launches run
     on two streams (free at replay) unless the config says otherwise."""
-    graph_config = {key: val for key, val in config.items() if key not in ("graphs", "save_forward")}
+    graph_config = {key: val for key, val in config.items() if key not in CALL_KEYS}
     for key in ("concurrent", "bwd_concurrent"):
         if graph_config.get(key, "auto") == "auto":
             graph_config[key] = True

@@ -34,15 +34,6 @@ def fresh_seed() -> int:
     return secrets.randbits(31)
 
 
-def sample_table(n_events: int, seed: int):
-    """Realistic events from the calibrated sample generator (skips if that module is missing)."""
-    try:
-        from iceaggr_lib.data.sample import generate_table
-    except ImportError as e:  # pragma: no cover - only while iceaggr_lib.data.sample is being written
-        pytest.skip(f"iceaggr_lib.data.sample.generate_table not importable: {e}")
-    return generate_table(n_events, seed)
-
-
 def random_dom_sizes(n_doms: int, rng: np.random.Generator, long_dom: int = 150) -> np.ndarray:
     """Mostly 1-3 pulse DOMs (as in IceCube) plus a few long ones that span several 128-row blocks."""
     sizes = np.minimum(rng.geometric(0.45, n_doms), 455)
@@ -173,7 +164,7 @@ def test_cpu_edge_cases(name, case):
 @pytest.mark.parametrize("name", ["loop", "padded"])
 def test_cpu_one_event(name):
     seed = fresh_seed()
-    batch = sample_table(1, seed).batch(0, 1)
+    batch = realistic_batch(1, seed)[0]
     assert batch.n_events == 1
     check_against_reference(name, batch, 1, 128, torch.float32, "cpu", "forward_backward", seed)
 
@@ -184,7 +175,7 @@ def test_cpu_fp32_gradient_that_cancels(name):
     and cancels, and torch's CPU flash-attention kernel got it to 3.8e-5 only, above the fp32 tolerance
     (seen in CI); ``backends/sdpa.py`` sends fp32 on the CPU through the math kernel (9.4e-7)."""
     seed = 1567921317
-    check_against_reference(name, sample_table(1, seed).batch(0, 1), 1, 128, torch.float32, "cpu",
+    check_against_reference(name, realistic_batch(1, seed)[0], 1, 128, torch.float32, "cpu",
                             "forward_backward", seed)
 
 
@@ -288,7 +279,7 @@ def test_cuda_realistic_batch(name, dtype):
     seed = fresh_seed()
     # dense flex is O(N^2) in memory: 256 events (~30k pulses) asked 16 GiB for bf16 backward on an H100 (OOM)
     n_events = 64 if name.startswith("flex_dense") else 256
-    batch = sample_table(n_events, seed).batch(0, n_events)
+    batch = realistic_batch(n_events, seed)[0]
     check_against_reference(name, batch, 1, 128, dtype, "cuda", "forward_backward", seed)
 
 
@@ -307,7 +298,7 @@ def test_cuda_edge_cases(name, case):
 def test_cuda_4096_events_more_than_65535_doms(name):
     """A realistic 4,096-event batch (~450k pulses, ~200k DOMs > 65,535): varlen must chunk its calls."""
     seed = fresh_seed()
-    batch = sample_table(4096, seed).batch(0, 4096)
+    batch = realistic_batch(4096, seed)[0]
     assert batch.n_doms > 65_535
     mode = "forward" if name == "flex_dense" else "forward_backward"  # dense flex is O(N^2): forward only
     check_against_reference(name, batch, 1, 128, torch.bfloat16, "cuda", mode, seed)

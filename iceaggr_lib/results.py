@@ -225,7 +225,8 @@ def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
             add(label, "", "<= 3x", None)
         else:
             r = me.iloc[0]
-            add(label, f"{r['median_ms']:.4g} ms, floor {r['floor_ms']:.3g} ms: {r['x_floor']:.3g}x", "<= 3x",
+            # three decimals: a ratio of 3.002 must not print as "3x" beside "no"
+            add(label, f"{r['median_ms']:.4g} ms, floor {r['floor_ms']:.3g} ms: {r['x_floor']:.3f}x", "<= 3x",
                 bool(r["x_floor"] <= 3))
     me = pick(ours, "forward", "bfloat16", 1, 1024)
     if me.empty or me["peak_mem_mb"].isna().all():

@@ -153,6 +153,13 @@ def test_fused_targets_checked_from_rows():
     assert t.loc["forward 1024 ev bfloat16 1x128: <= 3x the memory floor", "met"] == ("yes" if 0.1 <= 3 * floor
                                                                                         else "no")
     assert results.fused_targets(df[df["backend"] != "dom_fused"]).empty
+    # a ratio just over the goal reads as over it (the committed 8x16 row: 3.002x, not "3x" beside "no")
+    env = {"copy_bandwidth_gbps": 3000.0}
+    floor_8x16 = results.with_derived(table([r("dom_fused", 4096, 1.0, dtype="float32", heads=8)]), env)["floor_ms"]
+    just_over = table([r("dom_fused", 4096, 3.002 * floor_8x16.iloc[0], dtype="float32", heads=8)])
+    t = results.fused_targets(results.with_derived(just_over, env)).set_index("target")
+    cell = t.loc["forward 4096 ev float32 8x16: <= 3x the memory floor"]
+    assert cell["met"] == "no" and cell["measured"].endswith(": 3.002x"), cell["measured"]
     assert "## The fused kernel's targets" in results.summary_markdown(df, {"copy_bandwidth_gbps": 3000.0})
 
 

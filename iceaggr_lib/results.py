@@ -106,7 +106,8 @@ def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
 def winners(df: pd.DataFrame) -> pd.DataFrame:
     """The fastest correct backend at each (mode, dtype, heads, batch size), with the runner-up, and the winner's
-    host time per call (``host_ms``: where it reaches median_ms, the point is bound by the host)."""
+    host time per call (``host_ms``: where it reaches median_ms, the point is bound by the host; left out where no
+    row measured it, as in CSVs from before the column)."""
     ok = ok_rows(df)
     rows = []
     for key, g in ok.groupby(GROUP, sort=True):
@@ -124,6 +125,8 @@ def winners(df: pd.DataFrame) -> pd.DataFrame:
     if not out.empty:
         out["mode_rank"] = (out["mode"] != "forward").astype(int)
         out = out.sort_values(["mode_rank", "dtype", "n_heads", "batch_size"]).drop(columns="mode_rank")
+        if out["host_ms"].isna().all():
+            out = out.drop(columns="host_ms")
     return out.reset_index(drop=True)
 
 
@@ -301,7 +304,7 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
         lines += ["## Winner per regime", "", markdown_table(regimes(win)), "## Fastest backend per point", ""]
         cols = ["mode", "dtype", "n_heads", "batch_size", "n_pulses", "winner", "median_ms", "runner_up",
                 "runner_up_ms", "margin"] + (["x_floor"] if "x_floor" in win else []) \
-            + (["host_ms"] if win["host_ms"].notna().any() else [])  # (NaN in CSVs from before host_ms)
+            + (["host_ms"] if "host_ms" in win else [])  # (not in CSVs from before host_ms)
         lines.append(markdown_table(win[cols]))
     for baseline in ("loop", "flex_dense"):
         sp = speedups(df, baseline)

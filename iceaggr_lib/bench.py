@@ -194,6 +194,14 @@ def _wall_ms(fn: Callable, device: torch.device) -> float:
 _L2_FLUSH: dict = {}
 
 
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """The 256 MB buffer whose ``zero_()`` flushes the L2 cache before each timed CUDA call (one per device)."""
+    flush = _L2_FLUSH.get(device)
+    if flush is None:
+        flush = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    return flush
+
+
 def time_calls(fn: Callable, device: torch.device, n_calls: int, est_ms: float, max_run_s: float) -> np.ndarray:
     """Per-call times in ms of ``fn`` (already warm).
 
@@ -214,9 +222,7 @@ def time_calls_and_host(fn: Callable, device: torch.device, n_calls: int, est_ms
     with the host's speed, unless the host was waiting for the GPU (a full launch queue, or a synchronisation
     inside ``fn``). NaN on CPU (there every time is the host's)."""
     if device.type == "cuda":
-        flush = _L2_FLUSH.get(device)
-        if flush is None:
-            flush = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+        flush = l2_flush_buffer(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_calls)]
         torch.cuda.synchronize(device)

@@ -18,13 +18,17 @@ Variants, each on the grid's own step (``bench._make_step`` over the grid's four
 events of the embedded sample, bf16 1x128): the 1,024-event forward launched eagerly (the v22 default at
 141k pulses) and replayed from ``dom_graphs``' graphs; the 16-event forward both ways; the 1,024-event forward +
 backward (graphed, the default). Each round first runs a heavy row (``padded``'s 1,024-event forward, as the
-grid runs before dom_fused). Writes ``series.csv`` to ``--out`` and prints per-variant quantiles and the
-correlation of each variant's medians with the host columns.
+grid runs before dom_fused). Before timing, each variant's first call (batch 0) is checked against the float64
+reference (``bench._reference``; bf16 tolerance of ``iceaggr_lib.testing``); a variant over it stops the script,
+named. Writes to ``--out``: ``environment.json`` (device, versions, numeric settings, this script's arguments),
+``checks.csv`` (each variant's rel err) and ``series.csv``, a row per series appended as it is measured; then prints
+per-variant quantiles and the correlation of each variant's medians with the host columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import time
 from pathlib import Path
 
@@ -32,8 +36,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iceaggr_lib import bench
+from iceaggr_lib import bench, envinfo
 from iceaggr_lib.backends import dom_fused, get_backend
+from iceaggr_lib.testing import TOLERANCE, rel_err
 
 
 def cpu_probe_ms() -> float:
@@ -49,9 +54,8 @@ def cpu_probe_ms() -> float:
 
 
 def flush_ms(device) -> float:
-    flush = bench._L2_FLUSH.get(device)
-    if flush is None:
-        flush = bench._L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    """The GPU time of one L2 flush of the harness (``bench.l2_flush_buffer``)."""
+    flush = bench.l2_flush_buffer(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
     start.record()
@@ -77,9 +81,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.calls % 4:
         ap.error("--calls must be a multiple of 4 (the four rotated batches; b0_ms .. b3_ms)")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (dom_fused is a Triton backend): run it on the H100 through the device tool")
 
     device = torch.device("cuda")
     bench.apply_settings()
+    out_dir = Path(args.out)
+    envinfo.write(out_dir / "environment.json", envinfo.collect(device, measure_bandwidth=False, extra=dict(
+        script="scripts/series_spread.py", data_dir=str(args.data_dir), rounds=args.rounds, calls=args.calls)))
     source = bench.open_dataset(args.data_dir)
     dtype, n_heads, head_dim = torch.bfloat16, 1, 128
     scale = head_dim ** -0.5
@@ -107,11 +116,30 @@ def main(argv=None) -> int:
         finally:
             dom_fused.INFERENCE_GRAPHS_BELOW_PULSES = default_threshold
 
-    for name, _, _, threshold in variants:  # warm-up: compile, capture every bucket's graphs
-        for _ in range(8):
+    # correct first: each variant's first call (batch 0) against the float64 reference, then 7 warm-up calls
+    # (compile, capture every bucket's graphs), so that every series starts at batch 0 (b0_ms .. b3_ms)
+    checks = []
+    for name, events, mode, threshold in variants:
+        result = with_threshold(name, threshold, steps[name])
+        ref = bench._reference(inputs[events], mode, scale)
+        err = float("nan") if isinstance(ref, str) else max(rel_err(o, r) for o, r in zip(result, ref))
+        checks.append(dict(variant=name, rel_err=err, tolerance=TOLERANCE[dtype],
+                           ok=bool(err <= TOLERANCE[dtype]), message=ref if isinstance(ref, str) else ""))
+        for _ in range(7):
             with_threshold(name, threshold, steps[name])
     torch.cuda.synchronize(device)
+    pd.DataFrame(checks).to_csv(out_dir / "checks.csv", index=False)
+    print(pd.DataFrame(checks).to_string(index=False))
+    wrong = [c["variant"] for c in checks if not c["ok"]]
+    if wrong:
+        raise SystemExit(f"series_spread: {', '.join(wrong)} disagree with the float64 reference "
+                         f"(see {out_dir / 'checks.csv'}); nothing timed")
 
+    columns = ["round", "t_s", "variant", "events", "mode", "median_ms", "p20_ms", "p80_ms", "host_ms",
+               "cpu_probe_ms", "flush_ms", "sm_mhz", "b0_ms", "b1_ms", "b2_ms", "b3_ms"]
+    fh = open(out_dir / "series.csv", "w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=columns)
+    writer.writeheader()
     rows = []
     t_start = time.perf_counter()
     for r in range(args.rounds):
@@ -127,9 +155,10 @@ def main(argv=None) -> int:
                              p80_ms=float(np.quantile(times, 0.8)), host_ms=host_ms, cpu_probe_ms=probe,
                              flush_ms=fl, sm_mhz=mhz,
                              **{f"b{i}_ms": float(np.median(times[i::4])) for i in range(4)}))
+            writer.writerow(rows[-1])  # as measured: a crash or a call's time limit loses nothing before it
+            fh.flush()
+    fh.close()
     df = pd.DataFrame(rows)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    df.to_csv(Path(args.out) / "series.csv", index=False)
 
     pd.set_option("display.width", 200)
     print(f"device {torch.cuda.get_device_name(device)}; torch {torch.__version__}; {args.rounds} rounds of "

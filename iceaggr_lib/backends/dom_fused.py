@@ -863,8 +863,8 @@ CONCURRENT_ABOVE_PULSES = 64_000
 #   0.210 (run 118). So as CONCURRENT_ABOVE_PULSES, the same boundary between host- and GPU-bound forwards.
 # - training step, forward + backward (run 122): 1,024 events 0.352 / 0.334, 2,048 (315k) 0.814 / 0.801, 3,072
 #   (474k) 1.082 / 1.107, 4,096 (646k) 1.645 / 1.710; on slower hosts the graphs gain far more at 1,024 events
-#   (eager 0.59-0.75 against graphed 0.34-0.53, one series 0.84, runs 112 and 121). (Several heads have size classes from 400k
-#   pulses anyway.)
+#   (eager 0.59-0.75 against graphed 0.34-0.53, one series 0.84, runs 112 and 121). (Several heads have size
+#   classes from 400k pulses anyway.)
 # graphs=True replays at every size.
 TRAINING_GRAPHS_BELOW_PULSES = 400_000
 INFERENCE_GRAPHS_BELOW_PULSES = CONCURRENT_ABOVE_PULSES
@@ -898,6 +898,11 @@ NOT_SAVED = 2**31 - 1  # ``t_fwd`` of a backward without a saved forward: no DOM
 CALL_KEYS = ("save_forward", "graphs")  # config keys read by DomFusedAttention / dom_fused_attention, not plan keys
 
 
+def _launch_config(config: dict) -> dict:
+    """A copy of a call's config without ``CALL_KEYS``: what the launches and the plan read."""
+    return {key: val for key, val in config.items() if key not in CALL_KEYS}
+
+
 def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, save, config, out=None, saved=None,
              indirect=None):
     """``fused_forward``; with ``save`` also (saved, t_fwd): the fp32 (N, H, Dh + 2) buffer in which the flash
@@ -906,7 +911,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
     (``_bwd_large_kernel``, pass 1). ``out``, ``saved``: given by ``dom_graphs`` (allocated per call).
     ``indirect``: (the int64 argument buffer, the bucket's pulse count): the launches of a CUDA-graph capture
     (``dom_graphs``), their grids the bucket's, their tensors and N read from the buffer."""
-    config = {key: val for key, val in config.items() if key not in CALL_KEYS}
+    config = _launch_config(config)
     _check_inputs(q, k, v, cu_seqlens, pulse_to_dom, dom_counts)
     if autograd:
         _training_defaults(q, config)
@@ -970,7 +975,7 @@ def fused_backward(grad_out, q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scal
     ``saved``, ``t_fwd``: what ``_forward(save=True)`` left (the large DOMs' O and log-sum-exp); without them
     the large DOMs' pass 1 recomputes those by an online-softmax sweep, into an fp32 (N, H, 2) ``scratch``.
     ``grads`` (dq, dk, dv), ``scratch``, ``indirect``: given by ``dom_graphs`` (see ``_forward``)."""
-    config = {key: val for key, val in config.items() if key not in CALL_KEYS}
+    config = _launch_config(config)
     _, concurrent = (_side_stream(config.pop(key, "auto"), q, True) for key in ("concurrent", "bwd_concurrent"))
     q, k, v, g = _rowmajor(q), _rowmajor(k), _rowmajor(v), grad_out.contiguous()
     n_rows, n_heads, dh = q.shape
@@ -1101,7 +1106,7 @@ def _graph_config(q, config, bucket, autograd=True):
     (``dom_graphs``), or None where the call launches eagerly: a plan with size classes at the bucket's pulse count
     (their lists and scratch are not read through the argument buffer). Inside graphs the independent launches run
     on two streams (free at replay) unless the config says otherwise."""
-    graph_config = {key: val for key, val in config.items() if key not in CALL_KEYS}
+    graph_config = _launch_config(config)
     for key in ("concurrent", "bwd_concurrent"):
         if graph_config.get(key, "auto") == "auto":
             graph_config[key] = True

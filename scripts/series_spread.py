@@ -16,7 +16,7 @@ in rounds and logs, beside each series' median, what could explain it:
 
 Variants, each on the grid's own step (``bench._make_step`` over the grid's four rotated batches of consecutive
 events of the embedded sample, bf16 1x128): the 1,024-event forward launched eagerly (the v22 default at
-141k pulses) and replayed from ``dom_graphs``' graphs; the 16-event forward both ways; the 1,024-event forward +
+141k pulses) and replayed from ``dom_graphs``' graphs (the v23 default); the 16-event forward both ways; the 1,024-event forward +
 backward (graphed, the default). Each round first runs a heavy row (``padded``'s 1,024-event forward, as the
 grid runs before dom_fused). Before timing, each variant's first call (batch 0) is checked against the float64
 reference (``bench._reference``; bf16 tolerance of ``iceaggr_lib.testing``); a variant over it stops the script,
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     default_threshold = dom_fused.INFERENCE_GRAPHS_BELOW_PULSES
     variants = [  # name, events, mode, inference graphs below this many pulses
-        ("fwd1024_eager", 1024, "forward", default_threshold),
+        ("fwd1024_eager", 1024, "forward", 0),
         ("fwd1024_graphed", 1024, "forward", 1 << 40),
         ("fwd16_eager", 16, "forward", 0),
         ("fwd16_graphed", 16, "forward", default_threshold),

@@ -111,12 +111,16 @@ def test_graphs_setting_is_checked():
         dom_fused._graphs_setting(dict(graphs=True), q)
     assert dom_fused._graphs_setting({}, q) == "auto"
     # "auto": graphs below the measured pulse counts (training / inference), True at any size, False never
-    for n, autograd, want in [(dom_fused.TRAINING_GRAPHS_BELOW_PULSES - 1, True, True),
-                              (dom_fused.TRAINING_GRAPHS_BELOW_PULSES, True, False),
-                              (dom_fused.INFERENCE_GRAPHS_BELOW_PULSES - 1, False, True),
-                              (dom_fused.INFERENCE_GRAPHS_BELOW_PULSES, False, False)]:
-        big = torch.zeros(1, 1, 16).expand(n, 1, 16)
-        assert dom_fused._use_graphs({}, big, autograd) is want
+    one, multi = dom_fused.INFERENCE_GRAPHS_BELOW_PULSES, dom_fused.INFERENCE_GRAPHS_BELOW_PULSES_MULTI_HEAD
+    assert multi < one  # one head's forward is host-bound to larger sizes
+    for n, heads, autograd, want in [(dom_fused.TRAINING_GRAPHS_BELOW_PULSES - 1, 1, True, True),
+                                     (dom_fused.TRAINING_GRAPHS_BELOW_PULSES - 1, 8, True, True),
+                                     (dom_fused.TRAINING_GRAPHS_BELOW_PULSES, 1, True, False),
+                                     (one - 1, 1, False, True), (one, 1, False, False),
+                                     (multi - 1, 8, False, True), (multi, 8, False, False),
+                                     (multi, 1, False, True)]:
+        big = torch.zeros(1, heads, 16).expand(n, heads, 16)
+        assert dom_fused._use_graphs({}, big, autograd) is want, (n, heads, autograd)
         assert dom_fused._use_graphs(dict(graphs=False), big, autograd) is False
     # several heads from merge_below_pulses: size classes, which graphs do not replay
     assert dom_fused._graph_config(torch.zeros(4, 8, 16), {}, 1 << 20) is None

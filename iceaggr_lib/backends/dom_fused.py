@@ -10,7 +10,7 @@ backward: one or two for the tiles plus two for the large DOMs. Launches go thro
 ``triton_launch.FastLaunch`` (Triton's own launch less its host overhead), and independent ones run side
 by side on two streams in an inference forward from ``CONCURRENT_ABOVE_PULSES`` pulses
 (``triton_launch.run_concurrently``), so the few long programs of a launch do not leave the GPU idle. A training
-step below 400k pulses, and an inference forward below 200k, replay their launches from CUDA graphs that serve any
+step below 400k pulses, and an inference forward below 200k (one head; several: 64k), replay their launches from CUDA graphs that serve any
 batch of a pulse bucket (``dom_graphs``, config ``graphs``): the kernels then read their tensors and N from
 an argument buffer (``INDIRECT``).
 
@@ -860,18 +860,23 @@ CONCURRENT_ABOVE_PULSES = 64_000
 # - inference forward (runs 118 and 121-122): 8-256 events (721-29k pulses) 0.057-0.089 / 0.028-0.053 (run 121),
 #   16 events 0.0183 / 0.0118 (run 118); 1,024 events (141k) 0.085 / 0.087 (run 122; do_bench 0.0732 / 0.0735, run
 #   118), 2,048 (315k) 0.181 / 0.191, 4,096 (646k) 0.383 / 0.400 (run 122); 8x16 at 1,024 events do_bench 0.203 /
-#   0.210 (run 118). v22 set the inference threshold at 64k (CONCURRENT_ABOVE_PULSES); v23 raised it to 200k,
-#   so that the 1,024-event forward (118k-180k pulses per batch) is graphed too: on a fast host graphs cost it
-#   under 3 % (above), but the eager forward's readings there follow the host's state (run 121: the same step
-#   0.086-0.168 ms across consecutive series, graphed 0.087 twice), and the graph's replay leaves the host ~13 us
-#   of work instead of the eager launches'. Above 200k the GPU time decides, and graphs cost ~5 %.
+#   0.210 (run 118). v22 set the inference threshold at 64k (CONCURRENT_ABOVE_PULSES). v23 raises it to 200k for
+#   one head, so that its 1,024-event forward (118k-180k pulses per batch) is graphed too: the eager launches
+#   cost the host ~0.1 ms per call there (run 123, series_spread: host_ms 0.110 with the flush and two events,
+#   0.0863 ms of GPU time), so a stream of eager calls without the grid's L2 flush between them is bound by the
+#   host, and its readings follow the host's state (run 121: 0.086-0.168 ms across consecutive series, graphed
+#   0.087 twice); a replay leaves the host ~18 us (run 112). The graphed launches cost 2.5 % more GPU time there
+#   (run 123: 0.0886 against 0.0863 ms, 80 series each). Several heads keep 64k: their 1,024-event forward takes
+#   ~0.24 ms of GPU time, well above the host's, and graphs cost it 4-9 % (0.254-0.265 graphed in run 124's grid
+#   against 0.244 eager in run 79's).
 # - training step, forward + backward (run 122): 1,024 events 0.352 / 0.334, 2,048 (315k) 0.814 / 0.801, 3,072
 #   (474k) 1.082 / 1.107, 4,096 (646k) 1.645 / 1.710; on slower hosts the graphs gain far more at 1,024 events
 #   (eager 0.59-0.75 against graphed 0.34-0.53, one series 0.84, runs 112 and 121). (Several heads have size
 #   classes from 400k pulses anyway.)
 # graphs=True replays at every size.
 TRAINING_GRAPHS_BELOW_PULSES = 400_000
-INFERENCE_GRAPHS_BELOW_PULSES = 200_000
+INFERENCE_GRAPHS_BELOW_PULSES = 200_000  # one head
+INFERENCE_GRAPHS_BELOW_PULSES_MULTI_HEAD = CONCURRENT_ABOVE_PULSES
 
 
 def _concurrency(setting, n_pulses: int, autograd: bool) -> bool:
@@ -1084,11 +1089,18 @@ def _training_defaults(q, config: dict) -> None:
 def _use_graphs(config, q, autograd: bool) -> bool:
     """Whether a training step (``autograd``) or an inference forward tries CUDA-graph replays (``dom_graphs``, which
     still launches eagerly where no graph applies): ``graphs`` True, or "auto" below ``TRAINING_GRAPHS_BELOW_PULSES``
-    / ``INFERENCE_GRAPHS_BELOW_PULSES``."""
+    / ``INFERENCE_GRAPHS_BELOW_PULSES`` (one head) / ``INFERENCE_GRAPHS_BELOW_PULSES_MULTI_HEAD``."""
     setting = _graphs_setting(config, q)
     if setting == "auto":
-        return q.shape[0] < (TRAINING_GRAPHS_BELOW_PULSES if autograd else INFERENCE_GRAPHS_BELOW_PULSES)
+        return q.shape[0] < _graphs_below_pulses(q.shape[1], autograd)
     return setting
+
+
+def _graphs_below_pulses(n_heads: int, autograd: bool) -> int:
+    """The pulse count from which "auto" launches eagerly (see TRAINING_GRAPHS_BELOW_PULSES)."""
+    if autograd:
+        return TRAINING_GRAPHS_BELOW_PULSES
+    return INFERENCE_GRAPHS_BELOW_PULSES if n_heads == 1 else INFERENCE_GRAPHS_BELOW_PULSES_MULTI_HEAD
 
 
 def _graphs_setting(config, q):

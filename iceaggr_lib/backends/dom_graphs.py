@@ -28,7 +28,7 @@ dtype, head shape, the q / k / v / grad_out strides, the scale, the config and t
 An inference forward (``dom_fused_attention`` without autograd) replays graphs of its own, with the inference plan.
 
 Used by ``DomFusedAttention`` and ``dom_fused_attention`` under ``graphs="auto"`` (the default) for CUDA calls
-below ``dom_fused.TRAINING_GRAPHS_BELOW_PULSES`` (400k) / ``INFERENCE_GRAPHS_BELOW_PULSES`` (200k), where a stream
+below ``dom_fused.TRAINING_GRAPHS_BELOW_PULSES`` (400k) / ``INFERENCE_GRAPHS_BELOW_PULSES`` (200k for one head, 64k for several), where a stream
 of calls is bound by host dispatch (above them the graphed launches cost ~5 % more GPU time than the eager ones,
 and the host no longer hides it), whose plan has no size classes (the training plan: one head at any size, several
 heads below ``merge_below_pulses``; the inference plan also has size classes for one fp32 head from

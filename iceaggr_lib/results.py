@@ -176,6 +176,10 @@ def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
 
 
 LIBRARIES = ("varlen", "flex_block", "padded")
+# Issue 5 states its memory floor at 3 TB/s; the H100's measured copy rate is a little lower (2.94-2.98 TB/s), so
+# the floor at the measured rate is ~1 % longer. The targets are checked against the issue's floor; the measured
+# one (floor_ms, x_floor: the plots and the winners table) is printed beside it.
+ISSUE_FLOOR_BYTES_PER_S = 3e12
 
 
 def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
@@ -228,9 +232,12 @@ def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
             add(label, "", "<= 3x", None)
         else:
             r = me.iloc[0]
+            floor_ms = r["io_mb"] * 2**20 / ISSUE_FLOOR_BYTES_PER_S * 1e3
+            ratio = r["median_ms"] / floor_ms
+            measured_gbps = r["io_mb"] * 2**20 / r["floor_ms"] / 1e6
             # three decimals: a ratio of 3.002 must not print as "3x" beside "no"
-            add(label, f"{r['median_ms']:.4g} ms, floor {r['floor_ms']:.3g} ms: {r['x_floor']:.3f}x", "<= 3x",
-                bool(r["x_floor"] <= 3))
+            add(label, f"{r['median_ms']:.4g} ms, floor {floor_ms:.3g} ms at 3 TB/s: {ratio:.3f}x (at the measured "
+                f"{measured_gbps:,.0f} GB/s: {r['x_floor']:.3f}x)", "<= 3x at 3 TB/s", bool(ratio <= 3))
     me = pick(ours, "forward", "bfloat16", 1, 1024)
     if me.empty or me["peak_mem_mb"].isna().all():
         add("peak memory at 1024 ev (bf16 1x128 forward): <= 2x inputs + outputs", "", "<= 2x", None)
@@ -327,7 +334,9 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
     if not targets.empty:
         lines += ["## The fused kernel's targets (issue 5), from this run", "",
                   "'best library': fastest of varlen, flex_block, padded with its preparation left out "
-                  "(median_ms - prep_ms).", "", markdown_table(targets)]
+                  "(median_ms - prep_ms). The memory floor as issue 5 states it: q, k, v read once and the DOM "
+                  "embeddings written once, at 3 TB/s (beside it at the copy bandwidth measured on the device).",
+                  "", markdown_table(targets)]
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         lines += ["## Status of every row, per backend", "", markdown_table(status_counts(df).reset_index()),

@@ -161,7 +161,14 @@ def test_fused_targets_checked_from_rows():
     just_over = table([r("dom_fused", 4096, 3.002 * floor_8x16.iloc[0], dtype="float32", heads=8)])
     t = results.fused_targets(results.with_derived(just_over, env)).set_index("target")
     cell = t.loc["forward 4096 ev float32 8x16: <= 3x the memory floor"]
-    assert cell["met"] == "no" and cell["measured"].endswith(": 3.002x"), cell["measured"]
+    assert cell["met"] == "no" and ": 3.002x (at the measured 3,000 GB/s: 3.002x)" in cell["measured"], cell["measured"]
+    # the floor is at 3 TB/s: a row under 3x of the floor at a slower measured copy rate is still over
+    slow = {"copy_bandwidth_gbps": 2950.0}
+    floor_slow = results.with_derived(table([r("dom_fused", 4096, 1.0, dtype="float32", heads=8)]), slow)["floor_ms"]
+    under = table([r("dom_fused", 4096, 2.99 * floor_slow.iloc[0], dtype="float32", heads=8)])
+    cell = results.fused_targets(results.with_derived(under, slow)).set_index("target").loc[
+        "forward 4096 ev float32 8x16: <= 3x the memory floor"]
+    assert cell["met"] == "no" and "3.041x (at the measured 2,950 GB/s: 2.990x)" in cell["measured"], cell["measured"]
     assert "## The fused kernel's targets" in results.summary_markdown(df, {"copy_bandwidth_gbps": 3000.0})
 
 

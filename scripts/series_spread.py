@@ -167,9 +167,10 @@ def main(argv=None) -> int:
     q = df.groupby("variant")[["median_ms", "host_ms", "cpu_probe_ms", "flush_ms", "sm_mhz"]].quantile(
         [0.0, 0.5, 1.0]).unstack()
     print(q.round(4).to_string())
-    print("correlation of each series' median with:")
-    corr = {name: {col: g["median_ms"].corr(g[col]) for col in ("host_ms", "cpu_probe_ms", "flush_ms", "sm_mhz")}
-            for name, g in df.groupby("variant")}
+    print("correlation of each series' median with (NaN: the column did not vary, e.g. a steady SM clock):")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = {name: {col: g["median_ms"].corr(g[col]) for col in ("host_ms", "cpu_probe_ms", "flush_ms", "sm_mhz")}
+                for name, g in df.groupby("variant")}
     print(pd.DataFrame(corr).T.round(2).to_string())
     print("medians per round (ms):")
     print(df.pivot(index="round", columns="variant", values="median_ms").round(4).to_string())

@@ -187,7 +187,8 @@ def time_vs_batch(df: pd.DataFrame, floor: bool = True):
         ax.set_ylabel("time per batch [ms]")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle("Attention + mean pool per batch (median, p20-p80), preparation included")
+    fig.suptitle("Attention + mean pool per batch (median, p20-p80), preparation included; "
+                 "memory floor at the measured copy rate")
     fig.tight_layout()
     return fig
 

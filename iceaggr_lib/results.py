@@ -40,7 +40,7 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
     Several (a list) are parts of one grid run separately on the same kind of device (e.g. bf16 and
     fp32 in two device calls): their rows are concatenated, a grid point present twice is an error,
     and the environment is the first run's, with ``merged_from`` listing each part's device name,
-    torch version and copy bandwidth. Each row keeps its part's measured copy bandwidth
+    torch and triton versions, copy bandwidth, platform (the host) and time of measurement. Each row keeps its part's measured copy bandwidth
     (``copy_bandwidth_gbps``), so that ``with_derived`` puts its memory floor at the bandwidth of the machine
     that ran it (the lent machines differ by ~1 %).
     """
@@ -65,7 +65,9 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
                          f"{dup[key].drop_duplicates().head().to_dict('records')}")
     env = dict(envs[0])
     env["merged_from"] = [dict(results_dir=str(d), device_name=e.get("device_name"),
-                               torch_version=e.get("torch_version"), copy_bandwidth_gbps=e.get("copy_bandwidth_gbps"))
+                               torch_version=e.get("torch_version"), triton_version=e.get("triton_version"),
+                               copy_bandwidth_gbps=e.get("copy_bandwidth_gbps"), platform=e.get("platform"),
+                               created_utc=e.get("created_utc"))
                           for d, e in zip(dirs, envs)]
     return df, env
 
@@ -300,7 +302,10 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
         + (f"Measured copy bandwidth {env.get('copy_bandwidth_gbps')} GB/s (the memory floor uses it)."
          if not env.get("merged_from") else "Measured copy bandwidth per part: " + ", ".join(
              f"{Path(m['results_dir']).name} {m.get('copy_bandwidth_gbps')} GB/s" for m in env["merged_from"])
-         + " (each row's memory floor uses its part's)."),
+         + " (each row's memory floor uses its part's). Each part's machine: " + "; ".join(
+             f"{Path(m['results_dir']).name} {m.get('device_name')}, torch {m.get('torch_version')}, triton "
+             f"{m.get('triton_version')}, host {m.get('platform')}, measured {m.get('created_utc')}"
+             for m in env["merged_from"]) + "."),
         f"Grid: {len(df)} points; " + ", ".join(f"{k} {v}" for k, v in sorted(n_status.items())) + ". "
         "Times are medians over rotated batches of consecutive events, per-batch preparation included; "
         "the first (compiling) call is reported apart.",

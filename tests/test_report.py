@@ -237,6 +237,22 @@ def test_each_part_keeps_its_own_copy_bandwidth(tmp_path):
     assert "bf16 3000.0 GB/s, fp32 1500.0 GB/s" in results.summary_markdown(derived, env)
 
 
+def test_summary_names_each_parts_machine(tmp_path):
+    """Parts run on different hosts (lent machines): the summary says which part ran where, and when."""
+    for name, host in (("bf16", "Linux-host-a"), ("fp32", "Linux-host-b")):
+        d = tmp_path / name
+        d.mkdir()
+        table([row("padded", 4, 1.0, dtype="bfloat16" if name == "bf16" else "float32")]).to_csv(
+            d / "benchmark.csv", index=False)
+        (d / "environment.json").write_text(json.dumps(dict(ENV, device_name="H100", platform=host,
+                                                            created_utc=f"2026-12-07T1{len(name)}:00",
+                                                            triton_version="3.6.0")))
+    df, env = results.load([tmp_path / "bf16", tmp_path / "fp32"])
+    md = results.summary_markdown(results.with_derived(df, env), env)
+    assert "bf16 H100, torch" in md and "host Linux-host-a" in md and "host Linux-host-b" in md
+    assert "triton 3.6.0" in md and "measured 2026-12-07T14:00" in md
+
+
 def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
     for name, dtype in (("a", "bfloat16"), ("b", "float32")):
         (tmp_path / name).mkdir()

@@ -867,8 +867,8 @@ CONCURRENT_ABOVE_PULSES = 64_000
 #   host, and its readings follow the host's state (run 121: 0.086-0.168 ms across consecutive series, graphed
 #   0.087 twice); a replay leaves the host ~18 us (run 112). The graphed launches cost 2.5 % more GPU time there
 #   (run 123: 0.0886 against 0.0863 ms, 80 series each). Several heads keep 64k: their 1,024-event forward takes
-#   ~0.24 ms of GPU time, well above the host's, and graphs cost it 5-9 % (bf16 8x16: 0.254-0.265 graphed in run
-#   124's grid, 0.242 eager in run 126's).
+#   ~0.24 ms of GPU time, well above the host's, and graphs cost it 3-9 % (bf16 8x16: do_bench 0.203 / 0.210 on
+#   one machine, run 118; 0.254-0.265 graphed in run 124's grid against 0.242 eager in run 126's, two machines).
 # - training step, forward + backward (run 122): 1,024 events 0.352 / 0.334, 2,048 (315k) 0.814 / 0.801, 3,072
 #   (474k) 1.082 / 1.107, 4,096 (646k) 1.645 / 1.710; on slower hosts the graphs gain far more at 1,024 events
 #   (eager 0.59-0.75 against graphed 0.34-0.53, one series 0.84, runs 112 and 121). (Several heads have size

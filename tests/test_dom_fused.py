@@ -130,9 +130,15 @@ def test_size_classes(top, n_heads, extra, dtype):
                                             (2, dict(flash_full_blocks=False)), (2, dict(size_classes=8)),
                                             pytest.param(2, dict(concurrent=True), marks=needs_cuda),
                                             (2, dict(flash_query_pairs=True)),
-                                            (1, dict(flash_query_pairs=True, flash_full_blocks=False))],
+                                            (1, dict(flash_query_pairs=True, flash_full_blocks=False)),
+                                            (2, dict(flash_query_pairs=True, flash_fixed_max=True)),
+                                            (1, dict(flash_fixed_max=True)),
+                                            pytest.param(2, dict(flash_query_pairs=True, flash_fixed_max=True,
+                                                                 flash_exp="bf16x2"), marks=needs_cuda),
+                                            pytest.param(1, dict(flash_fixed_max=True, flash_exp="f16x2"),
+                                                         marks=needs_cuda)],
                          ids=["h1", "h4_split", "h2_masked_blocks", "h2_top8", "h2_two_streams", "h2_pairs",
-                              "h1_pairs_masked"])
+                              "h1_pairs_masked", "h2_pairs_fixed", "h1_fixed", "h2_fixed_bf16x2", "h1_fixed_f16x2"])
 @pytest.mark.parametrize("large_classes", [8, 2])
 @pytest.mark.parametrize("sizes", [[1] * 10 + [2, 5, 9, 16, 17, 32, 33, 48, 49, 64, 65, 100, 3, 1, 20],
                                    [17] * 28 + [33, 65, 1, 2]], ids=["mixed", "full_lists"])
@@ -147,6 +153,32 @@ def test_large_list(sizes, large_classes, n_heads, extra, dtype, monkeypatch):
     monkeypatch.setattr(dom_classes, "LARGE_CLASSES", large_classes)
     config = dict(levels=(8, 16), bwd_levels=(8, 16), block=16, size_classes=16, large_list=True)
     check_against_reference(sizes, n_heads, 16, dtype, seed=5, **dict(config, **extra))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_cuda)])
+@pytest.mark.parametrize("limit", [0.5, 2.0 ** 64], ids=["every_dom_again", "default_limit"])
+@pytest.mark.parametrize("scales", [None, (1.0, 6.0, 1.0)], ids=["unit", "k_x6"])
+def test_fixed_max_falls_back_to_the_online_loops(dtype, limit, scales, monkeypatch):
+    """v24's flash loops without a running max (``flash_fixed_max``) check each row after the loop; a DOM with a
+    row sum at or above ``dom_classes.FIXED_ROW_SUM_LIMIT`` is done again by the online loops. A limit of 0.5 sends
+    every DOM back (a row sum is at least 1), so the result is the online loops' (a DOM summed twice would fail);
+    k times 6 gives scores whose later key blocks exceed the first block's max (P above 1), which the default limit
+    keeps. Forward only: the backward does not use these loops."""
+    monkeypatch.setattr(dom_classes, "FIXED_ROW_SUM_LIMIT", limit)
+    sizes = [1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65, 90]
+    batch = batch_from_dom_sizes(sizes, seed=3).to(DEVICE)
+    q, k, v = random_qkv(batch.n_pulses, 2, 16, dtype=dtype, device=DEVICE, seed=3)
+    if scales is not None:
+        q, k, v = (t * s for t, s in zip((q, k, v), scales))
+    config = dict(levels=(8, 16), block=16, size_classes=16, large_list=True, flash_query_pairs=True,
+                  flash_fixed_max=True, merged=False, split_flash=True)
+    assert dom_fused._resolve(dtype, 16, 2, batch.n_pulses, **config).fixed_max
+    out = dom_fused.dom_fused_attention(q, k, v, batch.cu_seqlens, batch.pulse_to_dom_idx, batch.dom_pulse_counts,
+                                        0.25, **config)
+    expected = dom_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), batch.to("cpu"), "reference",
+                             scale=0.25)
+    assert rel_err(out.double().cpu(), expected) <= TOLERANCE[dtype]
 
 
 def test_size_classes_plan():
@@ -199,9 +231,19 @@ def test_size_classes_plan():
     for bad in (dict(size_classes=8), dict(size_classes=16, tile=16), dict(size_classes=16, class_num_warps=3),
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
                 dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True),
-                dict(flash_query_pairs=1), dict(flash_precision="fp16"), dict(flash_presplit="yes")):
+                dict(flash_query_pairs=1), dict(flash_precision="fp16"), dict(flash_presplit="yes"),
+                dict(flash_fixed_max=1), dict(flash_exp="bf16x2", flash_fixed_max=True), dict(flash_exp="f16"),
+                dict(flash_fixed_max=True, flash_precision="f16x3")):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
+    # v24's loops without a running max: not with f16x3 (P may exceed fp16's range); bf16x2 exponentials with bf16
+    # inputs and those loops only
+    with pytest.raises(ValueError, match="flash_fixed_max needs"):
+        dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_fixed_max=True)
+    with pytest.raises(ValueError, match="flash_exp must be"):
+        dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_exp="bf16x2")
+    plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=True, flash_exp="bf16x2")
+    assert (plan.fixed_max, plan.flash_exp) == (True, "bf16x2")
     with pytest.raises(ValueError, match="power of two"):
         dom_fused._resolve(torch.float32, 16, 3, 1000, size_classes=16)
 

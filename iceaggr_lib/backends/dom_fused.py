@@ -193,7 +193,8 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    narrow=True, size_classes="auto", class_num_warps=4 if multi else 2, large_list="auto",
                    flash_full_blocks=multi, flash_max_registers=168 if multi else None,
                    class_max_registers=96 if multi else None, flash_query_pairs=True,
-                   flash_precision="f16x3" if head_dim >= 64 else None, flash_presplit="auto")
+                   flash_precision="f16x3" if head_dim >= 64 else None, flash_presplit="auto",
+                   flash_fixed_max=False, flash_exp="f32")
         return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else dict(cfg, flash_num_stages=2)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -209,7 +210,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
                class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto",
-               graphs="auto")
+               flash_fixed_max=False, flash_exp="f32", graphs="auto")
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -239,6 +240,8 @@ class Plan(NamedTuple):
     query_pairs: bool = False  # the listed flash launch: query blocks two at a time
     flash_precision: str = "ieee"  # the forward's flash loops' dots (resolved: never None)
     presplit: bool = False  # the listed flash launch: k, v halves written once per DOM (resolved: a bool)
+    fixed_max: bool = False  # the listed flash launch: loops without a running max (v24)
+    flash_exp: str = "f32"  # and their exponentials: "f32", "bf16x2" or "f16x2"
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -346,6 +349,16 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError(f"dom_fused: flash_presplit must be True, False or 'auto', got {cfg['flash_presplit']!r}")
     if not isinstance(cfg["flash_full_blocks"], bool):
         raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
+    if not isinstance(cfg["flash_fixed_max"], bool):
+        raise ValueError(f"dom_fused: flash_fixed_max must be True or False, got {cfg['flash_fixed_max']!r}")
+    if cfg["flash_fixed_max"] and flash_precision == "f16x3":
+        raise ValueError("dom_fused: flash_fixed_max needs a flash_precision other than 'f16x3' (its P may exceed "
+                         "fp16's range)")
+    if cfg["flash_exp"] not in ("f32", "bf16x2", "f16x2") or (cfg["flash_exp"] != "f32" and (
+            dtype != torch.bfloat16 or not cfg["flash_fixed_max"])):
+        raise ValueError("dom_fused: flash_exp must be 'f32', or 'bf16x2' / 'f16x2' with bf16 inputs and "
+                         "flash_fixed_max, "
+                         f"got {cfg['flash_exp']!r} ({dtype}, flash_fixed_max {cfg['flash_fixed_max']})")
     for key in ("flash_max_registers", "class_max_registers"):
         regs = cfg[key]
         if regs is not None and (isinstance(regs, bool) or not isinstance(regs, int) or not 24 <= regs <= 255):
@@ -354,7 +367,7 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
                 cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
                 cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"], flash_precision,
-                cfg["flash_presplit"])
+                cfg["flash_presplit"], cfg["flash_fixed_max"], cfg["flash_exp"])
     return plan, cfg["merge_below_pulses"]
 
 
@@ -963,7 +976,8 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
                                               plan.size_classes, buffers, plan.flash_precision, plan.flash_block,
                                               plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
-                                              plan.flash_regs, plan.query_pairs, kv16))
+                                              plan.flash_regs, plan.query_pairs, kv16, plan.fixed_max,
+                                              plan.flash_exp))
     if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles
         run_concurrently(q.device, launch[0], launch[1])
     elif len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles

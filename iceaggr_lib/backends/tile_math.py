@@ -263,6 +263,157 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
 
 
+# v24, the flash loops with a fixed subtrahend (``FIXED``): where the online softmax keeps a running row max and
+# rescales the row sum and the P @ V accumulator whenever it grows, these loops take each query row's max over the
+# DOM's *first* key block as the subtrahend of every block's exponents. The scores of later blocks may then exceed
+# it, so P may exceed 1: in fp32 and bf16 (8 exponent bits) that is harmless up to a margin, checked after the
+# loop: a row sum at or above the constexpr ``FIXED`` (``dom_classes.FIXED_ROW_SUM_LIMIT``, 2^64) or an output that
+# is not finite sends the whole DOM to the online loops again. What goes: per block and row a max over the scores
+# (an intra-thread max and two shuffles), its exponential, the rescaling of the row sum and of the accumulator; with
+# 16-bit inputs the row sum is one more tensor-core dot (P @ ones) instead of a sum over the scores and two
+# shuffles. With 16-dim heads these are most of a block's instructions besides the exponentials.
+
+@triton.jit
+def _exp2_fast(x, EXP: tl.constexpr):
+    """2^x of fp32 ``x``: "f32" one MUFU.EX2 per element (``tl.exp2``); "bf16x2" / "f16x2" x rounded to bf16 / fp16
+    and two exponentials per instruction (``ex2.approx.ftz.bf16x2`` (sm_90) / ``ex2.approx.f16x2``; the result in
+    that type; inline PTX, so not in Triton's interpreter). A 16-bit argument costs precision in the exponent: up
+    to |x| 2^-9 (bf16, 8 significant bits) or |x| 2^-12 (fp16), i.e. for the weights that matter (|x| <= 4) up to
+    0.5 % / 0.07 % of P, against bf16's own rounding of P (up to 0.4 %) before the P @ V dot. fp16's result
+    overflows from x = 16 on (inf: the row then fails ``_fixed_query_rows``' check)."""
+    if EXP == "bf16x2":
+        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif EXP == "f16x2":
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER: tl.constexpr, EXP: tl.constexpr):
+    """One key block of ``_fixed_rows``: P = 2^(scores * qk_scale - m) added into the row sums ``l`` and ``acc`` +=
+    P @ V. 16-bit ``vb``: ``l`` is (R, DH), every column the row sum, by the dot P @ ones; fp32: ``l`` (R,)."""
+    pb = _exp2_fast(sb * qk_scale - m[:, None], EXP)
+    if vb.dtype != tl.float32:
+        p16 = pb.to(vb.dtype)
+        acc = tl.dot(p16, vb, acc)
+        l = tl.dot(p16, tl.full((vb.shape[0], vb.shape[1]), 1.0, vb.dtype), l)
+    else:
+        l += tl.sum(pb, axis=1)
+        if PV_ORDER:  # P's columns in v's row order (_pv_order), as in _flash_step
+            R: tl.constexpr = pb.shape[0]
+            BL: tl.constexpr = pb.shape[1]
+            pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
+        acc += _mm(pb, vb, PREC)
+    return l, acc
+
+
+@triton.jit
+def _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH: tl.constexpr, BL: tl.constexpr,
+                PREC: tl.constexpr, EXP: tl.constexpr):
+    """``_flash_rows`` with a fixed subtrahend (v24, see above): (m, l, acc), m = each row's max score over the
+    DOM's first key block times ``qk_scale`` (log2 units), l its row sums ((R, DH) for 16-bit inputs, every column
+    alike; (R,) for fp32), acc = P @ V; the output is acc / l. Key blocks wholly inside the DOM skip the end-of-DOM
+    mask (the first block and a last partial one apply it)."""
+    PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee"
+    R: tl.constexpr = qb.shape[0]
+    km, kb, vb = _kv_block(K, V, s0, 0, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+    sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
+    m = tl.max(sb, axis=1) * qk_scale  # every row has key 0: finite
+    acc = tl.zeros([R, DH], dtype=tl.float32)
+    if V.dtype.element_ty != tl.float32:
+        l = tl.zeros([R, DH], dtype=tl.float32)
+    else:
+        l = tl.zeros([R], dtype=tl.float32)
+    l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+    n_full = n_d - n_d % BL
+    for ks in range(BL, n_full, BL):
+        km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+        l, acc = _fixed_accumulate(_mm(qb, tl.trans(kb), PREC), vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+    if (n_full > 0) & (n_full < n_d):  # the last, partial block (n_full = 0: the first block was the only one)
+        km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
+        sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
+        l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+    return m, l, acc
+
+
+@triton.jit
+def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
+                      DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
+                      EXP: tl.constexpr, FIXED: tl.constexpr):
+    """``_flash_query_rows`` by ``_fixed_rows``: (the sum of the rows' outputs (DH,), how many of the rows' values
+    failed the check: a row sum of ``FIXED`` or more (a later score far above the first block's max) or an output
+    that is not finite; the caller then does the DOM again by the online loop)."""
+    dcol = tl.arange(0, DH)
+    rows = tl.arange(0, R)
+    qm = (qs + rows) < n_d
+    qr = s0 + qs + rows
+    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+    m, l, acc = _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, EXP)
+    if V.dtype.element_ty != tl.float32:
+        l2 = l
+    else:
+        l2 = l[:, None]
+    o = acc / l2
+    ok = (l2 < FIXED) & (tl.abs(o) < float("inf"))  # NaN fails both
+    bad = tl.sum(tl.where(qm[:, None] & (ok == 0), 1, 0))
+    if SAVE:
+        if V.dtype.element_ty != tl.float32:
+            l_row = tl.max(l, axis=1)
+        else:
+            l_row = l
+        saved = _saved_rows(SV, qr, h, NH, DH + 2)
+        tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+        tl.store(saved + DH, m + tl.log2(l_row), mask=qm)
+    return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0), bad
+
+
+@triton.jit
+def _online_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
+                 DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr,
+                 PAIR: tl.constexpr, k_scale, v_scale, KV16, r16):
+    """The sum of the outputs of all rows of one DOM and head (``_flash_dom``'s online loops): its query blocks
+    one after another (``PAIR``: two at a time while two are left), each by ``_flash_query_rows``."""
+    pooled_acc = tl.zeros([DH], dtype=tl.float32)
+    start = 0
+    if PAIR:
+        start = n_d - n_d % (2 * BL)
+        for qs in range(0, start, 2 * BL):
+            pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
+                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale,
+                                            KV16, r16)
+    for qs in range(start, n_d, BL):
+        pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
+                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale, KV16, r16)
+    return pooled_acc
+
+
+@triton.jit
+def _fixed_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
+                DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr,
+                EXP: tl.constexpr, FIXED: tl.constexpr):
+    """``_online_pool`` by ``_fixed_query_rows`` (v24): (the sum of the rows' outputs, how many values failed the
+    check)."""
+    pooled_acc = tl.zeros([DH], dtype=tl.float32)
+    bad = tl.full([], 0, tl.int32)
+    start = 0
+    if PAIR:
+        start = n_d - n_d % (2 * BL)
+        for qs in range(0, start, 2 * BL):
+            pooled, b = _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
+                                          NH, DH, BL, 2 * BL, PREC, SAVE, EXP, FIXED)
+            pooled_acc += pooled
+            bad += b
+    for qs in range(start, n_d, BL):
+        pooled, b = _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH,
+                                      DH, BL, BL, PREC, SAVE, EXP, FIXED)
+        pooled_acc += pooled
+        bad += b
+    return pooled_acc, bad
+
+
 @triton.jit
 def _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH: tl.constexpr,
                DH: tl.constexpr, BL: tl.constexpr):
@@ -287,7 +438,8 @@ def _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_s
 @triton.jit
 def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None, r16=0):
+               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None, r16=0, FIXED: tl.constexpr = 0.0,
+               EXP: tl.constexpr = "f32"):
     """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
@@ -300,10 +452,12 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     (f16x3; a (rows, NH, 4, DH) fp16 scratch, this DOM's halves from its row ``r16`` on): the scaled halves of k and
     v are written there once per DOM (``_split_dom``) and the loops read them (v20), instead of scaling and
     splitting every key block again for every query block; fp16 operands from memory also let Triton use
-    Hopper's wgmma (``HGMMA``)."""
+    Hopper's wgmma (``HGMMA``). ``FIXED`` > 0 (v24; not with f16x3): the loops of ``_fixed_rows`` (no running max),
+    with ``FIXED`` the limit of their check,
+    ``EXP`` their exponentials (``_exp2_fast``); if any row fails their check, the DOM is done again by the online
+    loops."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
-    pooled_acc = tl.zeros([DH], dtype=tl.float32)
     k_scale = tl.full([], 1.0, tl.float32)
     v_scale = tl.full([], 1.0, tl.float32)
     if PREC == "f16x3" and K.dtype.element_ty == tl.float32:
@@ -317,15 +471,14 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
         v_scale = _pow2_scale(tl.max(tl.max(v_max, axis=1), axis=0))
         if KV16 is not None:  # (F16 only: the loops read KV16 only then)
             _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH, DH, BL)
-    start = 0
-    if PAIR:
-        start = n_d - n_d % (2 * BL)
-        for qs in range(0, start, 2 * BL):
-            pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                                            qk_scale, NH, DH, BL, 2 * BL, PREC, SAVE, FULL, k_scale, v_scale,
-                                            KV16, r16)
-    for qs in range(start, n_d, BL):
-        pooled_acc += _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                                        NH, DH, BL, BL, PREC, SAVE, FULL, k_scale, v_scale, KV16, r16)
+    if FIXED:
+        pooled_acc, bad = _fixed_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH, DH, BL,
+                                      PREC, SAVE, PAIR, EXP, FIXED)
+        if bad > 0:  # a row failed the check: the DOM again by the online loops
+            pooled_acc = _online_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH, DH,
+                                      BL, PREC, SAVE, FULL, PAIR, k_scale, v_scale, KV16, r16)
+    else:
+        pooled_acc = _online_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH, DH, BL,
+                                  PREC, SAVE, FULL, PAIR, k_scale, v_scale, KV16, r16)
     tl.store(OUT + d.to(tl.int64) * so_d + h * so_h + dcol,
              (pooled_acc / n_d.to(tl.float32)).to(OUT.dtype.element_ty))

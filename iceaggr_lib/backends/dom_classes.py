@@ -320,7 +320,7 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     scaled fp16 halves of its current DOM's k and v rows, written once per (DOM, head) and read by its loops
     (``tile_math._split_dom``), which then take no ``full_blocks``. ``fixed_max`` (not with ``kv16``): the loops
     without a running max, each row's max over its DOM's first key block the subtrahend throughout
-    (``tile_math._fixed_rows``, v24), ``exp`` their exponentials, "f32" or (bf16 inputs) "bf16x2" / "f16x2"
+    (``tile_math._fixed_rows``, v24), ``exp`` their exponentials, "f32" or (bf16 inputs) "f16x2"
     (``tile_math._exp2_fast``)."""
     n_doms = dom_counts.shape[0]
     _, counter, large = buffers
@@ -338,8 +338,8 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     if fixed_max and (presplit or precision == "f16x3"):
         raise ValueError("dom_fused: fixed_max needs loops without f16x3 halves (its P may exceed fp16's range), got "
                          f"precision {precision!r}{' with kv16' if presplit else ''}")
-    if exp not in ("f32", "bf16x2", "f16x2") or (exp != "f32" and (q.dtype != torch.bfloat16 or not fixed_max)):
-        raise ValueError(f"dom_fused: exp must be 'f32', or 'bf16x2' / 'f16x2' with bf16 inputs and fixed_max, got "
+    if exp not in ("f32", "f16x2") or (exp != "f32" and (q.dtype != torch.bfloat16 or not fixed_max)):
+        raise ValueError(f"dom_fused: exp must be 'f32', or 'f16x2' with bf16 inputs and fixed_max, got "
                          f"{exp!r} "
                          f"({q.dtype}, fixed_max {fixed_max})")
     grid = min(slots, (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads; a presplit program: one slot each

@@ -241,7 +241,7 @@ class Plan(NamedTuple):
     flash_precision: str = "ieee"  # the forward's flash loops' dots (resolved: never None)
     presplit: bool = False  # the listed flash launch: k, v halves written once per DOM (resolved: a bool)
     fixed_max: bool = False  # the listed flash launch: loops without a running max (v24)
-    flash_exp: str = "f32"  # and their exponentials: "f32", "bf16x2" or "f16x2"
+    flash_exp: str = "f32"  # and their exponentials: "f32" or "f16x2"
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -354,9 +354,9 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     if cfg["flash_fixed_max"] and flash_precision == "f16x3":
         raise ValueError("dom_fused: flash_fixed_max needs a flash_precision other than 'f16x3' (its P may exceed "
                          "fp16's range)")
-    if cfg["flash_exp"] not in ("f32", "bf16x2", "f16x2") or (cfg["flash_exp"] != "f32" and (
+    if cfg["flash_exp"] not in ("f32", "f16x2") or (cfg["flash_exp"] != "f32" and (
             dtype != torch.bfloat16 or not cfg["flash_fixed_max"])):
-        raise ValueError("dom_fused: flash_exp must be 'f32', or 'bf16x2' / 'f16x2' with bf16 inputs and "
+        raise ValueError("dom_fused: flash_exp must be 'f32', or 'f16x2' with bf16 inputs and "
                          "flash_fixed_max, "
                          f"got {cfg['flash_exp']!r} ({dtype}, flash_fixed_max {cfg['flash_fixed_max']})")
     for key in ("flash_max_registers", "class_max_registers"):

@@ -275,16 +275,13 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 
 @triton.jit
 def _exp2_fast(x, EXP: tl.constexpr):
-    """2^x of fp32 ``x``: "f32" one MUFU.EX2 per element (``tl.exp2``); "bf16x2" / "f16x2" x rounded to bf16 / fp16
-    and two exponentials per instruction (``ex2.approx.ftz.bf16x2`` (sm_90) / ``ex2.approx.f16x2``; the result in
-    that type; inline PTX, so not in Triton's interpreter). A 16-bit argument costs precision in the exponent: up
-    to |x| 2^-9 (bf16, 8 significant bits) or |x| 2^-12 (fp16), i.e. for the weights that matter (|x| <= 4) up to
-    0.5 % / 0.07 % of P, against bf16's own rounding of P (up to 0.4 %) before the P @ V dot. fp16's result
-    overflows from x = 16 on (inf: the row then fails ``_fixed_query_rows``' check)."""
-    if EXP == "bf16x2":
-        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-                                         dtype=tl.bfloat16, is_pure=True, pack=2)
-    elif EXP == "f16x2":
+    """2^x of fp32 ``x``: "f32" one MUFU.EX2 per element (``tl.exp2``); "f16x2" x rounded to fp16 and the
+    exponentials of two elements per instruction (``ex2.approx.f16x2``; fp16 result; inline PTX, so not in Triton's
+    interpreter). The fp16 argument costs up to |x| 2^-12 in the exponent, for the weights that matter (|x| <= 4)
+    up to 0.07 % of P, against bf16's own rounding of P (up to 0.4 %) before the P @ V dot; its result overflows
+    from x = 16 on (inf: the row then fails ``_fixed_query_rows``' check). (bf16x2, ``ex2.approx.ftz.bf16x2``, was
+    tried in v16: ptxas makes one ``MUFU.EX2.BF16`` per element, and the flash launch got slower, run 71.)"""
+    if EXP == "f16x2":
         return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
                                          dtype=tl.float16, is_pure=True, pack=2)
     else:

@@ -163,6 +163,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1. Pipeline stages of the fp32
     # flash launch (run 83, batches 2 / 1): 3 1.081 / 1.237, 2 1.035 / 1.182, 4 1.116 / 1.280; class launch capped
     # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
+    # v24 flash_fixed_max (several heads; the listed flash launch): its loops without a running max (tile_math's
+    # _fixed_rows). Set from the instruction count (a 32 x 32 block of a 16-dim head: the row max, its shuffles and
+    # exponential, the rescaling of row sum and accumulator are ~40 % of the ~170 instructions), not timed
+    # beforehand for want of device time: see docs/dom_fused_notes.md, v24.
     flash_regs = 128 if multi else None  # bf16's (v15: 96, a single query block); fp32's below
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas spills 160 B; 68 B after v18) its tiles take 142 instead of 171 µs
@@ -194,7 +198,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    flash_full_blocks=multi, flash_max_registers=168 if multi else None,
                    class_max_registers=96 if multi else None, flash_query_pairs=True,
                    flash_precision="f16x3" if head_dim >= 64 else None, flash_presplit="auto",
-                   flash_fixed_max=False, flash_exp="f32")
+                   flash_fixed_max=multi, flash_exp="f32")
         return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else dict(cfg, flash_num_stages=2)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -210,7 +214,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
                class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto",
-               flash_fixed_max=False, flash_exp="f32", graphs="auto")
+               flash_fixed_max=multi, flash_exp="f32", graphs="auto")
     return dict(cfg, **multi_warps) if multi else cfg
 
 

@@ -190,6 +190,11 @@ def main(argv=None) -> int:
         top = levels[level]
         plans.append((f"{str(dtype).split('.')[-1]:<9}{heads}x{dh:<4} size_classes={top}", dtype, heads, dh,
                       dict(size_classes=top, levels=levels, merged=False)))
+    # several heads' plan from 400k pulses (size classes of <= 16 pulses, the listed flash launch with query-block
+    # pairs), with v24's loops without a running max and without (whichever the dtype's default is)
+    for dtype, fixed in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+        plans.append((f"{str(dtype).split('.')[-1]:<9}8x16  listed flash_fixed_max={fixed}", dtype, 8, 16,
+                      dict(size_classes=16, levels=(16, 32), merged=False, flash_fixed_max=fixed)))
     # the test suite's small tile levels (8 rows: below Triton's smallest dot for T x T tiles), every role
     small = dict(levels=(8, 16), bwd_levels=(8, 16), block=16)
     for extra in (dict(levels=(8,), bwd_levels=(8,), block=16), dict(small, merged=True), dict(small, merged=False),

@@ -132,11 +132,9 @@ def test_size_classes(top, n_heads, extra, dtype):
                                             (2, dict(flash_query_pairs=True)),
                                             (1, dict(flash_query_pairs=True, flash_full_blocks=False)),
                                             (2, dict(flash_query_pairs=True, flash_fixed_max=True)),
-                                            (1, dict(flash_fixed_max=True)),
-                                            pytest.param(1, dict(flash_fixed_max=True, flash_exp="f16x2"),
-                                                         marks=needs_cuda)],
+                                            (1, dict(flash_fixed_max=True))],
                          ids=["h1", "h4_split", "h2_masked_blocks", "h2_top8", "h2_two_streams", "h2_pairs",
-                              "h1_pairs_masked", "h2_pairs_fixed", "h1_fixed", "h1_fixed_f16x2"])
+                              "h1_pairs_masked", "h2_pairs_fixed", "h1_fixed"])
 @pytest.mark.parametrize("large_classes", [8, 2])
 @pytest.mark.parametrize("sizes", [[1] * 10 + [2, 5, 9, 16, 17, 32, 33, 48, 49, 64, 65, 100, 3, 1, 20],
                                    [17] * 28 + [33, 65, 1, 2]], ids=["mixed", "full_lists"])
@@ -231,21 +229,18 @@ def test_size_classes_plan():
                 dict(size_classes=0, large_list=True), dict(large_list="yes"), dict(flash_full_blocks=1),
                 dict(flash_max_registers=300), dict(class_max_registers=16), dict(class_max_registers=True),
                 dict(flash_query_pairs=1), dict(flash_precision="fp16"), dict(flash_presplit="yes"),
-                dict(flash_fixed_max=1), dict(flash_exp="f16x2", flash_fixed_max=True), dict(flash_exp="f16"),
-                dict(flash_fixed_max=True, flash_precision="f16x3")):
+                dict(flash_fixed_max=1), dict(flash_fixed_max=True, flash_precision="f16x3")):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
-    # v24's loops without a running max: not with f16x3 (P may exceed fp16's range); f16x2 exponentials with bf16
-    # inputs and those loops only
+    # v24's loops without a running max: not with f16x3 (P may exceed fp16's range); the default for fp32 with
+    # several heads (run 127), not for bf16 (no gain there) nor one head (f16x3 loops)
     with pytest.raises(ValueError, match="flash_fixed_max needs"):
         dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_fixed_max=True)
-    with pytest.raises(ValueError, match="flash_exp must be"):
-        dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_exp="f16x2", flash_fixed_max=False)
-    for dtype in (torch.bfloat16, torch.float32):  # the default: with several heads (v24), not with one
-        assert dom_fused._resolve(dtype, 16, 8, 500_000).fixed_max is True
-        assert dom_fused._resolve(dtype, 128, 1, 500_000).fixed_max is False
-    plan = dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=True, flash_exp="f16x2")
-    assert (plan.fixed_max, plan.flash_exp) == (True, "f16x2")
+    assert dom_fused._resolve(torch.float32, 16, 8, 500_000).fixed_max is True
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).fixed_max is False
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=True).fixed_max is True
+    assert dom_fused._resolve(torch.float32, 128, 1, 500_000).fixed_max is False
+    assert dom_fused._resolve(torch.float32, 16, 8, 500_000, flash_precision="f16x3").fixed_max is False  # "auto"
     with pytest.raises(ValueError, match="power of two"):
         dom_fused._resolve(torch.float32, 16, 3, 1000, size_classes=16)
 

@@ -201,14 +201,13 @@ if HAVE_TRITON:
                              sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                              NC: tl.constexpr, NL: tl.constexpr, NH: tl.constexpr, DH: tl.constexpr,
                              BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, FULL: tl.constexpr,
-                             PAIR: tl.constexpr, PRESPLIT: tl.constexpr, FIXED: tl.constexpr = 0.0,
-                             EXP: tl.constexpr = "f32"):
+                             PAIR: tl.constexpr, PRESPLIT: tl.constexpr, FIXED: tl.constexpr = 0.0):
         """Work items (large DOM, head), the largest class first, so that the longest flash loops start first
         and the short ones fill in behind them; each a flash loop (``_flash_dom``). Programs take items from a
         ticket counter (``COUNTER[NC + NL]``) as in ``_class_attend_kernel``. ``PRESPLIT`` (f16x3): each item of
         at most ``CAP`` pulses writes its k and v rows' scaled fp16 halves once to the program's slot of ``KV16``
         (rows pid * CAP .. +CAP of a (rows, NH, 4, DH) scratch) and its loops read them; a larger DOM takes the
-        loop that splits every key block (v19's), one query block at a time. ``FIXED``, ``EXP``: the loops without a
+        loop that splits every key block (v19's), one query block at a time. ``FIXED``: the loops without a
         running max (``tile_math._fixed_rows``, v24)."""
         TICKET: tl.constexpr = NC + NL
         total = 0
@@ -237,7 +236,7 @@ if HAVE_TRITON:
                                so_h, qk_scale, NH, DH, BL, PREC, SAVE, False, False)
             else:
                 _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, item % NH, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h,
-                           qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR, FIXED=FIXED, EXP=EXP)
+                           qk_scale, NH, DH, BL, PREC, SAVE, FULL, PAIR, FIXED=FIXED)
             item = following
 
     _CLASSIFY, _ATTEND = FastLaunch(_classify_kernel, "dom_fused"), FastLaunch(_class_attend_kernel, "dom_fused")
@@ -308,7 +307,7 @@ def list_large(dom_counts, n_pulses: int, top: int, buffers: tuple) -> None:
 def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, top: int, buffers: tuple,
                  precision: str, block: int, num_warps: int, num_stages=None, save: bool = False,
                  full_blocks: bool = True, max_registers=None, query_pairs: bool = False, kv16=None,
-                 fixed_max: bool = False, exp: str = "f32") -> None:
+                 fixed_max: bool = False) -> None:
     """Write ``out[d]`` for every DOM of more than ``top`` pulses, listed by ``list_large`` (issued before, on this
     stream): one persistent launch of flash loops (``_large_attend_kernel``), ``block``-row blocks. ``save``:
     the rows' O and log-sum-exp into ``saved`` ((N, H, Dh + 2) fp32, as dom_fused's flash loops leave them).
@@ -320,8 +319,7 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     scaled fp16 halves of its current DOM's k and v rows, written once per (DOM, head) and read by its loops
     (``tile_math._split_dom``), which then take no ``full_blocks``. ``fixed_max`` (not with ``kv16``): the loops
     without a running max, each row's max over its DOM's first key block the subtrahend throughout
-    (``tile_math._fixed_rows``, v24), ``exp`` their exponentials, "f32" or (bf16 inputs) "f16x2"
-    (``tile_math._exp2_fast``)."""
+    (``tile_math._fixed_rows``, v24)."""
     n_doms = dom_counts.shape[0]
     _, counter, large = buffers
     if n_doms == 0:
@@ -338,17 +336,13 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
     if fixed_max and (presplit or precision == "f16x3"):
         raise ValueError("dom_fused: fixed_max needs loops without f16x3 halves (its P may exceed fp16's range), got "
                          f"precision {precision!r}{' with kv16' if presplit else ''}")
-    if exp not in ("f32", "f16x2") or (exp != "f32" and (q.dtype != torch.bfloat16 or not fixed_max)):
-        raise ValueError(f"dom_fused: exp must be 'f32', or 'f16x2' with bf16 inputs and fixed_max, got "
-                         f"{exp!r} "
-                         f"({q.dtype}, fixed_max {fixed_max})")
     grid = min(slots, (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads; a presplit program: one slot each
     args = (q, k, v, out, saved, kv16 if presplit else out, cu_seqlens, dom_counts, large, counter, n, PRESPLIT_ROWS,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), qk_scale)
     _LARGE((grid,), args, dict(NC=n_classes(top), NL=LARGE_CLASSES, NH=n_heads, DH=dh, BL=block, PREC=precision,
                                SAVE=save, FULL=full_blocks, PAIR=query_pairs, PRESPLIT=presplit,
-                               FIXED=FIXED_ROW_SUM_LIMIT if fixed_max else 0.0, EXP=exp), num_warps, False,
+                               FIXED=FIXED_ROW_SUM_LIMIT if fixed_max else 0.0), num_warps, False,
            num_stages, max_registers)
 
 

@@ -123,6 +123,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     program, 132 MiB on an H100 at H x Dh = 128) and its loops read them (``tile_math._split_dom``), instead of
     scaling and splitting every key block again for each query block (v20; a DOM above 512 pulses keeps v19's
     loop); "auto" (the default) = wherever the listed launch runs f16x3 loops.
+    ``flash_fixed_max`` (the listed flash launch; not with f16x3 loops): its loops without a running max, each query
+    row's max over its DOM's first key block the subtrahend throughout, the DOM done again by the online loops if a
+    row's sum reaches 2^64 (``tile_math._fixed_rows``, v24); "auto" (the default) = fp32 with several heads.
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -163,10 +166,10 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # blocks 1.107), 1.270; 152, 192 and 232 registers 1.335, 1.341, 1.305 on batch 1. Pipeline stages of the fp32
     # flash launch (run 83, batches 2 / 1): 3 1.081 / 1.237, 2 1.035 / 1.182, 4 1.116 / 1.280; class launch capped
     # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
-    # v24 flash_fixed_max (several heads; the listed flash launch): its loops without a running max (tile_math's
-    # _fixed_rows). Set from the instruction count (a 32 x 32 block of a 16-dim head: the row max, its shuffles and
-    # exponential, the rescaling of row sum and accumulator are ~40 % of the ~170 instructions), not timed
-    # beforehand for want of device time: see docs/dom_fused_notes.md, v24.
+    # v24 flash_fixed_max (the listed flash launch's loops without a running max, tile_math._fixed_rows; run 127,
+    # do_bench forward, 4,096 events 8x16, the grid's batch 1, on / off in one call): fp32 1.161 / 1.182 ms (-1.8 %),
+    # bf16 0.590 / 0.590 (no change), so on for fp32 with several heads only (one fp32 head: f16x3 loops, whose
+    # fp16 P cannot take the fixed subtrahend).
     flash_regs = 128 if multi else None  # bf16's (v15: 96, a single query block); fp32's below
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas spills 160 B; 68 B after v18) its tiles take 142 instead of 171 µs
@@ -198,7 +201,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                    flash_full_blocks=multi, flash_max_registers=168 if multi else None,
                    class_max_registers=96 if multi else None, flash_query_pairs=True,
                    flash_precision="f16x3" if head_dim >= 64 else None, flash_presplit="auto",
-                   flash_fixed_max=multi, flash_exp="f32")
+                   flash_fixed_max="auto")
         return dict(cfg, **dict(multi_warps, flash_num_stages=2)) if multi else dict(cfg, flash_num_stages=2)
     # merged "auto" (scripts/merge_threshold.py, run 7, grid timing): 1x128 one launch wins at 26k pulses
     # (0.059 vs 0.109 ms), two win at 118k (0.108 vs 0.126); 8x16 one wins up to 298k (0.888 vs 1.045),
@@ -214,7 +217,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
                narrow=True, size_classes="auto", class_num_warps=2, large_list="auto",
                flash_full_blocks=True, flash_max_registers=flash_regs,
                class_max_registers=None, flash_query_pairs=multi, flash_precision=None, flash_presplit="auto",
-               flash_fixed_max=multi, flash_exp="f32", graphs="auto")
+               flash_fixed_max="auto", graphs="auto")
     return dict(cfg, **multi_warps) if multi else cfg
 
 
@@ -245,7 +248,6 @@ class Plan(NamedTuple):
     flash_precision: str = "ieee"  # the forward's flash loops' dots (resolved: never None)
     presplit: bool = False  # the listed flash launch: k, v halves written once per DOM (resolved: a bool)
     fixed_max: bool = False  # the listed flash launch: loops without a running max (v24)
-    flash_exp: str = "f32"  # and their exponentials: "f32" or "f16x2"
 
 
 def _resolve(dtype, head_dim, n_heads, n_pulses, backward=False, **config) -> Plan:
@@ -353,16 +355,14 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
         raise ValueError(f"dom_fused: flash_presplit must be True, False or 'auto', got {cfg['flash_presplit']!r}")
     if not isinstance(cfg["flash_full_blocks"], bool):
         raise ValueError(f"dom_fused: flash_full_blocks must be True or False, got {cfg['flash_full_blocks']!r}")
-    if not isinstance(cfg["flash_fixed_max"], bool):
-        raise ValueError(f"dom_fused: flash_fixed_max must be True or False, got {cfg['flash_fixed_max']!r}")
-    if cfg["flash_fixed_max"] and flash_precision == "f16x3":
+    fixed_max = cfg["flash_fixed_max"]
+    if not (isinstance(fixed_max, bool) or fixed_max == "auto"):
+        raise ValueError(f"dom_fused: flash_fixed_max must be True, False or 'auto', got {fixed_max!r}")
+    if fixed_max is True and flash_precision == "f16x3":
         raise ValueError("dom_fused: flash_fixed_max needs a flash_precision other than 'f16x3' (its P may exceed "
                          "fp16's range)")
-    if cfg["flash_exp"] not in ("f32", "f16x2") or (cfg["flash_exp"] != "f32" and (
-            dtype != torch.bfloat16 or not cfg["flash_fixed_max"])):
-        raise ValueError("dom_fused: flash_exp must be 'f32', or 'f16x2' with bf16 inputs and "
-                         "flash_fixed_max, "
-                         f"got {cfg['flash_exp']!r} ({dtype}, flash_fixed_max {cfg['flash_fixed_max']})")
+    if fixed_max == "auto":  # (v24, run 127: fp32 with several heads gains, bf16 does not)
+        fixed_max = dtype == torch.float32 and n_heads > 1 and flash_precision != "f16x3"
     for key in ("flash_max_registers", "class_max_registers"):
         regs = cfg[key]
         if regs is not None and (isinstance(regs, bool) or not isinstance(regs, int) or not 24 <= regs <= 255):
@@ -371,7 +371,7 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
                 split_flash, flash_block, cfg["flash_num_stages"], cfg["flash_num_warps"], cfg["big_num_warps"],
                 cfg["narrow"], size_classes, cfg["class_num_warps"], large_list, cfg["flash_full_blocks"],
                 cfg["flash_max_registers"], cfg["class_max_registers"], cfg["flash_query_pairs"], flash_precision,
-                cfg["flash_presplit"], cfg["flash_fixed_max"], cfg["flash_exp"])
+                cfg["flash_presplit"], fixed_max)
     return plan, cfg["merge_below_pulses"]
 
 
@@ -980,8 +980,7 @@ def _forward(q, k, v, cu_seqlens, pulse_to_dom, dom_counts, scale, autograd, sav
         launch.insert(0, lambda: large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, scale * LOG2E,
                                               plan.size_classes, buffers, plan.flash_precision, plan.flash_block,
                                               plan.flash_warps or warps, plan.flash_stages, save, plan.full_blocks,
-                                              plan.flash_regs, plan.query_pairs, kv16, plan.fixed_max,
-                                              plan.flash_exp))
+                                              plan.flash_regs, plan.query_pairs, kv16, plan.fixed_max))
     if len(launch) == 2 and plan.large_list and concurrent:  # the flash loops beside the class tiles
         run_concurrently(q.device, launch[0], launch[1])
     elif len(launch) == 3 and concurrent:  # the flash loops' tail overlaps the tiles

@@ -274,25 +274,10 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 # shuffles. With 16-dim heads these are most of a block's instructions besides the exponentials.
 
 @triton.jit
-def _exp2_fast(x, EXP: tl.constexpr):
-    """2^x of fp32 ``x``: "f32" one MUFU.EX2 per element (``tl.exp2``); "f16x2" x rounded to fp16 and the
-    exponentials of two elements per instruction (``ex2.approx.f16x2``; fp16 result; inline PTX, so not in Triton's
-    interpreter). The fp16 argument costs up to |x| 2^-12 in the exponent, for the weights that matter (|x| <= 4)
-    up to 0.07 % of P, against bf16's own rounding of P (up to 0.4 %) before the P @ V dot; its result overflows
-    from x = 16 on (inf: the row then fails ``_fixed_query_rows``' check). (bf16x2, ``ex2.approx.ftz.bf16x2``, was
-    tried in v16: ptxas makes one ``MUFU.EX2.BF16`` per element, and the flash launch got slower, run 71.)"""
-    if EXP == "f16x2":
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER: tl.constexpr, EXP: tl.constexpr):
+def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER: tl.constexpr):
     """One key block of ``_fixed_rows``: P = 2^(scores * qk_scale - m) added into the row sums ``l`` and ``acc`` +=
     P @ V. 16-bit ``vb``: ``l`` is (R, DH), every column the row sum, by the dot P @ ones; fp32: ``l`` (R,)."""
-    pb = _exp2_fast(sb * qk_scale - m[:, None], EXP)
+    pb = tl.exp2(sb * qk_scale - m[:, None])
     if vb.dtype != tl.float32:
         p16 = pb.to(vb.dtype)
         acc = tl.dot(p16, vb, acc)
@@ -309,7 +294,7 @@ def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER:
 
 @triton.jit
 def _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH: tl.constexpr, BL: tl.constexpr,
-                PREC: tl.constexpr, EXP: tl.constexpr):
+                PREC: tl.constexpr):
     """``_flash_rows`` with a fixed subtrahend (v24, see above): (m, l, acc), m = each row's max score over the
     DOM's first key block times ``qk_scale`` (log2 units), l its row sums ((R, DH) for 16-bit inputs, every column
     alike; (R,) for fp32), acc = P @ V; the output is acc / l. Key blocks wholly inside the DOM skip the end-of-DOM
@@ -324,22 +309,22 @@ def _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH: tl.c
         l = tl.zeros([R, DH], dtype=tl.float32)
     else:
         l = tl.zeros([R], dtype=tl.float32)
-    l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+    l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     n_full = n_d - n_d % BL
     for ks in range(BL, n_full, BL):
         km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
-        l, acc = _fixed_accumulate(_mm(qb, tl.trans(kb), PREC), vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+        l, acc = _fixed_accumulate(_mm(qb, tl.trans(kb), PREC), vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     if (n_full > 0) & (n_full < n_d):  # the last, partial block (n_full = 0: the first block was the only one)
         km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
         sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
-        l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER, EXP)
+        l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     return m, l, acc
 
 
 @triton.jit
 def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                       DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                      EXP: tl.constexpr, FIXED: tl.constexpr):
+                      FIXED: tl.constexpr):
     """``_flash_query_rows`` by ``_fixed_rows``: (the sum of the rows' outputs (DH,), how many of the rows' values
     failed the check: a row sum of ``FIXED`` or more (a later score far above the first block's max) or an output
     that is not finite; the caller then does the DOM again by the online loop)."""
@@ -348,7 +333,7 @@ def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     qm = (qs + rows) < n_d
     qr = s0 + qs + rows
     qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
-    m, l, acc = _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, EXP)
+    m, l, acc = _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC)
     if V.dtype.element_ty != tl.float32:
         l2 = l
     else:
@@ -390,7 +375,7 @@ def _online_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk
 @triton.jit
 def _fixed_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                 DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, PAIR: tl.constexpr,
-                EXP: tl.constexpr, FIXED: tl.constexpr):
+                FIXED: tl.constexpr):
     """``_online_pool`` by ``_fixed_query_rows`` (v24): (the sum of the rows' outputs, how many values failed the
     check)."""
     pooled_acc = tl.zeros([DH], dtype=tl.float32)
@@ -400,12 +385,12 @@ def _fixed_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_
         start = n_d - n_d % (2 * BL)
         for qs in range(0, start, 2 * BL):
             pooled, b = _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale,
-                                          NH, DH, BL, 2 * BL, PREC, SAVE, EXP, FIXED)
+                                          NH, DH, BL, 2 * BL, PREC, SAVE, FIXED)
             pooled_acc += pooled
             bad += b
     for qs in range(start, n_d, BL):
         pooled, b = _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH,
-                                      DH, BL, BL, PREC, SAVE, EXP, FIXED)
+                                      DH, BL, BL, PREC, SAVE, FIXED)
         pooled_acc += pooled
         bad += b
     return pooled_acc, bad
@@ -435,8 +420,7 @@ def _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_s
 @triton.jit
 def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_d, so_h, qk_scale,
                NH: tl.constexpr, DH: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None, r16=0, FIXED: tl.constexpr = 0.0,
-               EXP: tl.constexpr = "f32"):
+               FULL: tl.constexpr = False, PAIR: tl.constexpr = False, KV16=None, r16=0, FIXED: tl.constexpr = 0.0):
     """DOM ``d`` (n_d pulses), head ``h``, by a flash loop: its query blocks one after another, each an online
     softmax over the DOM's key blocks (``_flash_rows``), the rows' outputs summed into the mean pool, which is
     stored to ``OUT[d, h]``. ``SAVE`` (a training step's forward): the rows' outputs O and log-sum-exp also go
@@ -449,10 +433,8 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
     (f16x3; a (rows, NH, 4, DH) fp16 scratch, this DOM's halves from its row ``r16`` on): the scaled halves of k and
     v are written there once per DOM (``_split_dom``) and the loops read them (v20), instead of scaling and
     splitting every key block again for every query block; fp16 operands from memory also let Triton use
-    Hopper's wgmma (``HGMMA``). ``FIXED`` > 0 (v24; not with f16x3): the loops of ``_fixed_rows`` (no running max),
-    with ``FIXED`` the limit of their check,
-    ``EXP`` their exponentials (``_exp2_fast``); if any row fails their check, the DOM is done again by the online
-    loops."""
+    Hopper's wgmma (``HGMMA``). ``FIXED`` > 0 (v24; not with f16x3): the loops of ``_fixed_rows`` (no running max)
+    with ``FIXED`` the limit of their check; if any row fails it, the DOM is done again by the online loops."""
     dcol = tl.arange(0, DH)
     s0 = tl.load(CU + d).to(tl.int64)
     k_scale = tl.full([], 1.0, tl.float32)
@@ -468,9 +450,9 @@ def _flash_dom(Q, K, V, OUT, SV, CU, d, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv
         v_scale = _pow2_scale(tl.max(tl.max(v_max, axis=1), axis=0))
         if KV16 is not None:  # (F16 only: the loops read KV16 only then)
             _split_dom(K, V, KV16, s0, r16, n_d, h, sk_n, sk_h, sv_n, sv_h, k_scale, v_scale, NH, DH, BL)
-    if FIXED:
+    if FIXED > 0:
         pooled_acc, bad = _fixed_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH, DH, BL,
-                                      PREC, SAVE, PAIR, EXP, FIXED)
+                                      PREC, SAVE, PAIR, FIXED)
         if bad > 0:  # a row failed the check: the DOM again by the online loops
             pooled_acc = _online_pool(Q, K, V, SV, s0, n_d, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH, DH,
                                       BL, PREC, SAVE, FULL, PAIR, k_scale, v_scale, KV16, r16)

@@ -2,7 +2,8 @@
 passes (``_mm``) or, in the flash loops, three fp16 passes (``_split16``, ``_mm16``), the "same DOM" mask of a
 packed tile, the masked softmax, and the flash loop of one large DOM and head (``_flash_dom``: online softmax over
 key blocks, fused with the mean pool), whose f16x3 loops may read k and v as fp16 halves split once per DOM into a
-scratch slot (``_split_dom``, ``_kv16_block``: v20). Imported only where triton is."""
+scratch slot (``_split_dom``, ``_kv16_block``: v20), and whose loops may run without a running max (``_fixed_rows``,
+v24). Imported only where triton is."""
 
 import triton
 import triton.language as tl

@@ -111,6 +111,14 @@ def _pv_order(x):
 
 
 @triton.jit
+def _p_in_pv_order(pb):
+    """P's columns in v's row order (``_pv_order``): within each group of 8 keys, column 2t + e moves to t + 4e."""
+    R: tl.constexpr = pb.shape[0]
+    BL: tl.constexpr = pb.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
+
+
+@triton.jit
 def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL: tl.constexpr,
               PV_ORDER: tl.constexpr = False):
     """Key and value rows ks .. ks+BL-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, k, v);
@@ -177,10 +185,8 @@ def _flash_step(qb, kb, vb, km, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, MAS
     else:
         pb = tl.exp2(sb * qk_scale - (m_new * qk_scale)[:, None])
     l_i = l_i * alpha + tl.sum(pb, axis=1)
-    if PV_ORDER:  # P's columns in v's row order (_pv_order): 2t + e -> t + 4e within each group of 8
-        R: tl.constexpr = pb.shape[0]
-        BL: tl.constexpr = pb.shape[1]
-        pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
+    if PV_ORDER:
+        pb = _p_in_pv_order(pb)
     if PRESPLIT:
         p_hi, p_lo = _split16(pb)
         acc = acc * alpha[:, None] + _mm16(p_hi, p_lo, vb, v_lo)
@@ -243,23 +249,29 @@ def _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale,
 
 
 @triton.jit
+def _query_block(Q, s0, n_d, qs, h, sq_n, sq_h, DH: tl.constexpr, R: tl.constexpr):
+    """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h: (in-DOM mask, row numbers, q)."""
+    rows = tl.arange(0, R)
+    qm = (qs + rows) < n_d
+    qr = s0 + qs + rows
+    return qm, qr, tl.load(Q + qr[:, None] * sq_n + h * sq_h + tl.arange(0, DH)[None, :], mask=qm[:, None],
+                           other=0.0)
+
+
+@triton.jit
 def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, qk_scale, NH: tl.constexpr,
                       DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
                       FULL: tl.constexpr, k_scale=1.0, v_scale=1.0, KV16=None, r16=0):
     """Query rows qs .. qs+R-1 of the DOM starting at row s0 (n_d rows), head h, over all its keys
     (``_flash_rows``): the sum of their outputs (DH,), for the mean pool; ``SAVE``: O and log-sum-exp of the rows
     to ``SV`` too."""
-    dcol = tl.arange(0, DH)
-    rows = tl.arange(0, R)
-    qm = (qs + rows) < n_d
-    qr = s0 + qs + rows
-    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+    qm, qr, qb = _query_block(Q, s0, n_d, qs, h, sq_n, sq_h, DH, R)
     m_i, l_i, acc = _flash_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC, FULL,
                                 k_scale, v_scale, KV16, NH, r16)
     o = acc / (l_i * v_scale)[:, None]
     if SAVE:
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
-        tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+        tl.store(saved[:, None] + tl.arange(0, DH)[None, :], o, mask=qm[:, None])
         tl.store(saved + DH, m_i + tl.log2(l_i), mask=qm)
     return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0)
 
@@ -272,7 +284,9 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 # is not finite sends the whole DOM to the online loops again. What goes: per block and row a max over the scores
 # (an intra-thread max and two shuffles), its exponential, the rescaling of the row sum and of the accumulator; with
 # 16-bit inputs the row sum is one more tensor-core dot (P @ ones) instead of a sum over the scores and two
-# shuffles. With 16-dim heads these are most of a block's instructions besides the exponentials.
+# shuffles. With 16-dim heads that is an estimated 40-50 of the ~170 instructions per warp and 32 x 32 block of the
+# online loops (bf16; from the mma layout, not counted in SASS). Measured (run 127): fp32 8x16 1.8 % faster, bf16
+# unchanged, hence ``flash_fixed_max`` "auto" = fp32 with several heads.
 
 @triton.jit
 def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER: tl.constexpr):
@@ -285,10 +299,8 @@ def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER:
         l = tl.dot(p16, tl.full((vb.shape[0], vb.shape[1]), 1.0, vb.dtype), l)
     else:
         l += tl.sum(pb, axis=1)
-        if PV_ORDER:  # P's columns in v's row order (_pv_order), as in _flash_step
-            R: tl.constexpr = pb.shape[0]
-            BL: tl.constexpr = pb.shape[1]
-            pb = tl.reshape(tl.permute(tl.reshape(pb, (R, BL // 8, 4, 2)), (0, 1, 3, 2)), (R, BL))
+        if PV_ORDER:
+            pb = _p_in_pv_order(pb)
         acc += _mm(pb, vb, PREC)
     return l, acc
 
@@ -329,11 +341,7 @@ def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     """``_flash_query_rows`` by ``_fixed_rows``: (the sum of the rows' outputs (DH,), how many of the rows' values
     failed the check: a row sum of ``FIXED`` or more (a later score far above the first block's max) or an output
     that is not finite; the caller then does the DOM again by the online loop)."""
-    dcol = tl.arange(0, DH)
-    rows = tl.arange(0, R)
-    qm = (qs + rows) < n_d
-    qr = s0 + qs + rows
-    qb = tl.load(Q + qr[:, None] * sq_n + h * sq_h + dcol[None, :], mask=qm[:, None], other=0.0)
+    qm, qr, qb = _query_block(Q, s0, n_d, qs, h, sq_n, sq_h, DH, R)
     m, l, acc = _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC)
     if V.dtype.element_ty != tl.float32:
         l2 = l
@@ -348,7 +356,7 @@ def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
         else:
             l_row = l
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
-        tl.store(saved[:, None] + dcol[None, :], o, mask=qm[:, None])
+        tl.store(saved[:, None] + tl.arange(0, DH)[None, :], o, mask=qm[:, None])
         tl.store(saved + DH, m + tl.log2(l_row), mask=qm)
     return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0), bad
 

@@ -160,7 +160,7 @@ def test_fixed_max_falls_back_to_the_online_loops(dtype, limit, scales, monkeypa
     row sum at or above ``dom_classes.FIXED_ROW_SUM_LIMIT`` is done again by the online loops. A limit of 0.5 sends
     every DOM back (a row sum is at least 1), so the result is the online loops' (a DOM summed twice would fail);
     k times 6 gives scores whose later key blocks exceed the first block's max (P above 1), which the default limit
-    keeps. fp16 runs the 16-bit loops (row sums by the P @ ones dot) in Triton's interpreter, which gets bf16 wrong.
+    keeps. fp16 runs the 16-bit loops (P @ V as a 16-bit dot) in Triton's interpreter, which gets bf16 wrong.
     Forward only: the backward does not use these loops."""
     monkeypatch.setattr(dom_classes, "FIXED_ROW_SUM_LIMIT", limit)
     sizes = [1, 3, 40, 2, 70, 17, 33, 1, 5, 100, 16, 64, 65, 90]
@@ -232,13 +232,14 @@ def test_size_classes_plan():
                 dict(flash_fixed_max=1), dict(flash_fixed_max=True, flash_precision="f16x3")):
         with pytest.raises(ValueError, match="dom_fused"):
             dom_fused._resolve(torch.float32, 16, 8, 1000, **bad)
-    # v24's loops without a running max: not with f16x3 (P may exceed fp16's range); the default for fp32 with
-    # several heads (run 127), not for bf16 (no gain there) nor one head (f16x3 loops)
+    # v24's loops without a running max: not with f16x3 (P may exceed fp16's range); the default with several heads
+    # (fp32 run 127, bf16 since v25, run 128), not with one head (fp32: f16x3 loops; bf16: no listed launch)
     with pytest.raises(ValueError, match="flash_fixed_max needs"):
         dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_fixed_max=True)
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).fixed_max is True
-    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).fixed_max is False
-    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=True).fixed_max is True
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).fixed_max is True
+    assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=False).fixed_max is False
+    assert dom_fused._resolve(torch.bfloat16, 128, 1, 500_000).fixed_max is False
     assert dom_fused._resolve(torch.float32, 128, 1, 500_000).fixed_max is False
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000, flash_precision="f16x3").fixed_max is False  # "auto"
     with pytest.raises(ValueError, match="power of two"):

@@ -125,7 +125,7 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     loop); "auto" (the default) = wherever the listed launch runs f16x3 loops.
     ``flash_fixed_max`` (the listed flash launch; not with f16x3 loops): its loops without a running max, each query
     row's max over its DOM's first key block the subtrahend throughout, the DOM done again by the online loops if a
-    row's sum reaches 2^64 (``tile_math._fixed_rows``, v24); "auto" (the default) = fp32 with several heads.
+    row's sum reaches 2^64 (``tile_math._fixed_rows``, v24; bf16 since v25); "auto" (the default) = several heads.
     Call-time keys, not part of the plan: ``concurrent`` / ``bwd_concurrent``
     (see ``CONCURRENT_ABOVE_PULSES``); ``save_forward``: whether a training step's forward keeps O and the
     log-sum-exp of the large DOMs' rows, an fp32 (N, H, Dh + 2) buffer, for the backward's pass 1
@@ -168,8 +168,9 @@ def _default_config(dtype: torch.dtype, head_dim: int, n_heads: int = 1) -> dict
     # at 112 (no spills) instead of 96 (68 B): 1.089 / 1.244.
     # v24 flash_fixed_max (the listed flash launch's loops without a running max, tile_math._fixed_rows; run 127,
     # do_bench forward, 4,096 events 8x16, the grid's batch 1, on / off in one call): fp32 1.161 / 1.182 ms (-1.8 %),
-    # bf16 0.590 / 0.590 (no change), so on for fp32 with several heads only (one fp32 head: f16x3 loops, whose
-    # fp16 P cannot take the fixed subtrahend).
+    # bf16 0.590 / 0.590 (no change: its row sums were a P @ ones dot then). v25 (run 128, the same batch, one
+    # process): bf16's row sums by tl.sum, 0.595 -> 0.581 ms; so on with several heads (one fp32 head: f16x3 loops,
+    # whose fp16 P cannot take the fixed subtrahend).
     flash_regs = 128 if multi else None  # bf16's (v15: 96, a single query block); fp32's below
     # class_max_registers (runs 71-72, 4,096 events 8x16): fp32's class launch (4 warps) takes 168 registers, 3
     # programs per SM; capped at 96 (ptxas spills 160 B; 68 B after v18) its tiles take 142 instead of 171 µs
@@ -361,8 +362,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     if fixed_max is True and flash_precision == "f16x3":
         raise ValueError("dom_fused: flash_fixed_max needs a flash_precision other than 'f16x3' (its P may exceed "
                          "fp16's range)")
-    if fixed_max == "auto":  # (v24, run 127: fp32 with several heads gains, bf16 does not)
-        fixed_max = dtype == torch.float32 and n_heads > 1 and flash_precision != "f16x3"
+    if fixed_max == "auto":  # (fp32 with several heads gains 1.8 %, run 127; bf16 2.4 %, v25, run 128)
+        fixed_max = n_heads > 1 and flash_precision != "f16x3"
     for key in ("flash_max_registers", "class_max_registers"):
         regs = cfg[key]
         if regs is not None and (isinstance(regs, bool) or not isinstance(regs, int) or not 24 <= regs <= 255):

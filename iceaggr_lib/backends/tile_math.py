@@ -282,23 +282,23 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 # it, so P may exceed 1: in fp32 and bf16 (8 exponent bits) that is harmless up to a margin, checked after the
 # loop: a row sum at or above the constexpr ``FIXED`` (``dom_classes.FIXED_ROW_SUM_LIMIT``, 2^64) or an output that
 # is not finite sends the whole DOM to the online loops again. What goes: per block and row a max over the scores
-# (an intra-thread max and two shuffles), its exponential, the rescaling of the row sum and of the accumulator; with
-# 16-bit inputs the row sum is one more tensor-core dot (P @ ones) instead of a sum over the scores and two
-# shuffles. With 16-dim heads that is an estimated 40-50 of the ~170 instructions per warp and 32 x 32 block of the
-# online loops (bf16; from the mma layout, not counted in SASS). Measured (run 127): fp32 8x16 1.8 % faster, bf16
-# unchanged, hence ``flash_fixed_max`` "auto" = fp32 with several heads.
+# (an intra-thread max and two shuffles), its exponential, the rescaling of the row sum and of the accumulator.
+# With 16-dim heads that is an estimated 30-40 of the ~170 instructions per warp and 32 x 32 block of the online
+# loops (bf16; from the mma layout, not counted in SASS). Measured (do_bench forward, 4,096 events 8x16, the grid's
+# batch 1): fp32 1.8 % faster (run 127); bf16 2.4 % faster with the row sums by ``tl.sum`` (v25, run 128), unchanged
+# with v24's first form, which took 16-bit row sums as one more tensor-core dot (P @ ones into an (R, DH)
+# accumulator: 16 more fp32 registers per thread, ptxas spilling 60 / 80 B at bf16's 128-register cap against 40 /
+# 60 B with ``tl.sum``). Hence ``flash_fixed_max`` "auto" = several heads (without f16x3 loops).
 
 @triton.jit
 def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER: tl.constexpr):
-    """One key block of ``_fixed_rows``: P = 2^(scores * qk_scale - m) added into the row sums ``l`` and ``acc`` +=
-    P @ V. 16-bit ``vb``: ``l`` is (R, DH), every column the row sum, by the dot P @ ones; fp32: ``l`` (R,)."""
+    """One key block of ``_fixed_rows``: P = 2^(scores * qk_scale - m) added into the row sums ``l`` (R,) and
+    ``acc`` += P @ V."""
     pb = tl.exp2(sb * qk_scale - m[:, None])
+    l += tl.sum(pb, axis=1)
     if vb.dtype != tl.float32:
-        p16 = pb.to(vb.dtype)
-        acc = tl.dot(p16, vb, acc)
-        l = tl.dot(p16, tl.full((vb.shape[0], vb.shape[1]), 1.0, vb.dtype), l)
+        acc = tl.dot(pb.to(vb.dtype), vb, acc)
     else:
-        l += tl.sum(pb, axis=1)
         if PV_ORDER:
             pb = _p_in_pv_order(pb)
         acc += _mm(pb, vb, PREC)
@@ -309,19 +309,15 @@ def _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC: tl.constexpr, PV_ORDER:
 def _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH: tl.constexpr, BL: tl.constexpr,
                 PREC: tl.constexpr):
     """``_flash_rows`` with a fixed subtrahend (v24, see above): (m, l, acc), m = each row's max score over the
-    DOM's first key block times ``qk_scale`` (log2 units), l its row sums ((R, DH) for 16-bit inputs, every column
-    alike; (R,) for fp32), acc = P @ V; the output is acc / l. Key blocks wholly inside the DOM skip the end-of-DOM
-    mask (the first block and a last partial one apply it)."""
+    DOM's first key block times ``qk_scale`` (log2 units), l its row sums (R,), acc = P @ V; the output is acc / l.
+    Key blocks wholly inside the DOM skip the end-of-DOM mask (the first block and a last partial one apply it)."""
     PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee"
     R: tl.constexpr = qb.shape[0]
     km, kb, vb = _kv_block(K, V, s0, 0, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
     sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
     m = tl.max(sb, axis=1) * qk_scale  # every row has key 0: finite
     acc = tl.zeros([R, DH], dtype=tl.float32)
-    if V.dtype.element_ty != tl.float32:
-        l = tl.zeros([R, DH], dtype=tl.float32)
-    else:
-        l = tl.zeros([R], dtype=tl.float32)
+    l = tl.zeros([R], dtype=tl.float32)
     l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     n_full = n_d - n_d % BL
     for ks in range(BL, n_full, BL):
@@ -343,21 +339,13 @@ def _fixed_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
     that is not finite; the caller then does the DOM again by the online loop)."""
     qm, qr, qb = _query_block(Q, s0, n_d, qs, h, sq_n, sq_h, DH, R)
     m, l, acc = _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH, BL, PREC)
-    if V.dtype.element_ty != tl.float32:
-        l2 = l
-    else:
-        l2 = l[:, None]
-    o = acc / l2
-    ok = (l2 < FIXED) & (tl.abs(o) < float("inf"))  # NaN fails both
+    o = acc / l[:, None]
+    ok = (l[:, None] < FIXED) & (tl.abs(o) < float("inf"))  # NaN fails both
     bad = tl.sum(tl.where(qm[:, None] & (ok == 0), 1, 0))
     if SAVE:
-        if V.dtype.element_ty != tl.float32:
-            l_row = tl.max(l, axis=1)
-        else:
-            l_row = l
         saved = _saved_rows(SV, qr, h, NH, DH + 2)
         tl.store(saved[:, None] + tl.arange(0, DH)[None, :], o, mask=qm[:, None])
-        tl.store(saved + DH, m + tl.log2(l_row), mask=qm)
+        tl.store(saved + DH, m + tl.log2(l), mask=qm)
     return tl.sum(tl.where(qm[:, None], o, 0.0), axis=0), bad
 
 

@@ -40,9 +40,9 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
     Several (a list) are parts of one grid run separately on the same kind of device (e.g. bf16 and
     fp32 in two device calls): their rows are concatenated, a grid point present twice is an error,
     and the environment is the first run's, with ``merged_from`` listing each part's device name,
-    torch and triton versions, copy bandwidth, platform (the host) and time of measurement. Each row keeps its part's measured copy bandwidth
-    (``copy_bandwidth_gbps``), so that ``with_derived`` puts its memory floor at the bandwidth of the machine
-    that ran it (the lent machines differ by ~1 %).
+    torch and triton versions, copy bandwidth, platform (the host) and time of measurement. Each row keeps its
+    part's measured copy bandwidth (``copy_bandwidth_gbps``), so that ``with_derived`` puts its memory floor at
+    the bandwidth of the machine that ran it (the lent machines differ by ~1 %).
     """
     dirs = [Path(d) for d in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir)]
     frames, envs = [], []

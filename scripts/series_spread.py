@@ -17,10 +17,10 @@ in rounds and logs, beside each series' median, what could explain it:
 Variants, each on the grid's own step (``bench._make_step`` over the grid's four rotated batches of consecutive
 events of the embedded sample, bf16 1x128): the 1,024-event forward launched eagerly (the v22 default at
 141k pulses) and replayed from ``dom_graphs``' graphs (the v23 default); the 16-event forward both ways; the
-1,024-event forward + backward (graphed, the default). Each round first runs a heavy row (``padded``'s 1,024-event forward, as the
-grid runs before dom_fused). Before timing, each variant's first call (batch 0) is checked against the float64
-reference (``bench._reference``; bf16 tolerance of ``iceaggr_lib.testing``); a variant over it stops the script,
-named. Writes to ``--out``: ``environment.json`` (device, versions, numeric settings, this script's arguments),
+1,024-event forward + backward (graphed, the default). Each round first runs a heavy row (``padded``'s 1,024-event
+forward, as the grid runs before dom_fused). Before timing, each variant's first call (batch 0) is checked
+against the float64 reference (``bench._reference``; bf16 tolerance of ``iceaggr_lib.testing``); a variant over it
+stops the script, named. Writes to ``--out``: ``environment.json`` (device, versions, numeric settings, this script's arguments),
 ``checks.csv`` (each variant's rel err) and ``series.csv``, a row per series appended as it is measured; then prints
 per-variant quantiles and the correlation of each variant's medians with the host columns.
 """

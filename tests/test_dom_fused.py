@@ -236,6 +236,9 @@ def test_size_classes_plan():
     # (fp32 run 127, bf16 since v25, run 128), not with one head (fp32: f16x3 loops; bf16: no listed launch)
     with pytest.raises(ValueError, match="flash_fixed_max needs"):
         dom_fused._resolve(torch.float32, 128, 1, 500_000, flash_fixed_max=True)
+    with pytest.raises(ValueError, match="fixed_max needs .* with kv16"):  # large_attend's check, the same rule
+        dom_classes.check_fixed_max("tf32x3_mask", presplit=True)
+    dom_classes.check_fixed_max("tf32x3_mask")
     assert dom_fused._resolve(torch.float32, 16, 8, 500_000).fixed_max is True
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000).fixed_max is True
     assert dom_fused._resolve(torch.bfloat16, 16, 8, 500_000, flash_fixed_max=False).fixed_max is False

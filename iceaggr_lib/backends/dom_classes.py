@@ -61,6 +61,15 @@ PRESPLIT_ROWS = 512  # rows per slot: every DOM of the IceCube data (at most 455
 FIXED_ROW_SUM_LIMIT = 2.0 ** 64
 
 
+def check_fixed_max(precision, presplit: bool = False, name: str = "fixed_max") -> None:
+    """The one rule of the loops without a running max (``large_attend``'s ``fixed_max``, dom_fused's
+    ``flash_fixed_max``): not with f16x3 loops, split halves (``kv16``) or not, whose fp16 P would overflow where
+    these loops let P exceed 1. Raises ValueError naming ``name``."""
+    if presplit or precision == "f16x3":
+        raise ValueError(f"dom_fused: {name} needs loops without f16x3 halves (their P may exceed fp16's range), got "
+                         f"precision {precision!r}{' with kv16' if presplit else ''}")
+
+
 def n_classes(top: int) -> int:
     """Classes of DOM sizes 1 .. top (a power of two): 1, 2, (3-4), (5-8), ... (top/2+1 .. top)."""
     if top < 1 or top & (top - 1):
@@ -333,9 +342,8 @@ def large_attend(q, k, v, out, saved, cu_seqlens, dom_counts, qk_scale: float, t
         raise ValueError(f"dom_fused: kv16 must be a contiguous (slots * {PRESPLIT_ROWS}, {n_heads}, 4, {dh}) fp16 "
                          f"scratch (presplit_buffer) and the flash precision 'f16x3' with fp32 inputs, got "
                          f"{tuple(kv16.shape)} {kv16.dtype}, {precision!r}, {q.dtype}")
-    if fixed_max and (presplit or precision == "f16x3"):
-        raise ValueError("dom_fused: fixed_max needs loops without f16x3 halves (its P may exceed fp16's range), got "
-                         f"precision {precision!r}{' with kv16' if presplit else ''}")
+    if fixed_max:
+        check_fixed_max(precision, presplit)
     grid = min(slots, (n // (top + 1) + 1) * n_heads)  # items <= DOMs x heads; a presplit program: one slot each
     args = (q, k, v, out, saved, kv16 if presplit else out, cu_seqlens, dom_counts, large, counter, n, PRESPLIT_ROWS,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),

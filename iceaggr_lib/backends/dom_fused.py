@@ -73,7 +73,8 @@ import torch
 
 from iceaggr_lib.backends import BackendSpec, UnsupportedError
 from iceaggr_lib.backends import dom_graphs
-from iceaggr_lib.backends.dom_classes import class_attend, class_buffers, large_attend, list_large, presplit_buffer
+from iceaggr_lib.backends.dom_classes import (check_fixed_max, class_attend, class_buffers, large_attend, list_large,
+                                              presplit_buffer)
 from iceaggr_lib.backends.triton_launch import HAVE_TRITON, FastLaunch, run_concurrently, tl, triton
 
 
@@ -359,9 +360,8 @@ def _plan(dtype, head_dim, n_heads, backward, config_items):
     fixed_max = cfg["flash_fixed_max"]
     if not (isinstance(fixed_max, bool) or fixed_max == "auto"):
         raise ValueError(f"dom_fused: flash_fixed_max must be True, False or 'auto', got {fixed_max!r}")
-    if fixed_max is True and flash_precision == "f16x3":
-        raise ValueError("dom_fused: flash_fixed_max needs a flash_precision other than 'f16x3' (its P may exceed "
-                         "fp16's range)")
+    if fixed_max is True:
+        check_fixed_max(flash_precision, name="flash_fixed_max")
     if fixed_max == "auto":  # (fp32 with several heads gains 1.8 %, run 127; bf16 2.4 %, v25, run 128)
         fixed_max = n_heads > 1 and flash_precision != "f16x3"
     for key in ("flash_max_registers", "class_max_registers"):

@@ -283,8 +283,8 @@ def _flash_query_rows(Q, K, V, SV, s0, n_d, qs, h, sq_n, sq_h, sk_n, sk_h, sv_n,
 # loop: a row sum at or above the constexpr ``FIXED`` (``dom_classes.FIXED_ROW_SUM_LIMIT``, 2^64) or an output that
 # is not finite sends the whole DOM to the online loops again. What goes: per block and row a max over the scores
 # (an intra-thread max and two shuffles), its exponential, the rescaling of the row sum and of the accumulator.
-# With 16-dim heads that is an estimated 30-40 of the ~170 instructions per warp and 32 x 32 block of the online
-# loops (bf16; from the mma layout, not counted in SASS). Measured (do_bench forward, 4,096 events 8x16, the grid's
+# With 16-dim heads v24 estimated that at 40-50 of the ~170 instructions per warp and 32 x 32 block of the online
+# loops (bf16; from the mma layout, not counted in SASS), counting the row sum's shuffles, which v25 keeps. Measured (do_bench forward, 4,096 events 8x16, the grid's
 # batch 1): fp32 1.8 % faster (run 127); bf16 2.4 % faster with the row sums by ``tl.sum`` (v25, run 128), unchanged
 # with v24's first form, which took 16-bit row sums as one more tensor-core dot (P @ ones into an (R, DH)
 # accumulator: 16 more fp32 registers per thread, ptxas spilling 60 / 80 B at bf16's 128-register cap against 40 /

@@ -128,16 +128,17 @@ def _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH: tl.constexpr, BL
     dcol = tl.arange(0, DH)
     km = (ks + bl) < n_d
     kr = s0 + ks + bl
-    if PV_ORDER:
+    if MASK or PV_ORDER:
         kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
+    else:
+        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :])
+    if PV_ORDER:
         vbl = _pv_order(bl)
         vb = tl.load(V + (s0 + ks + vbl)[:, None] * sv_n + h * sv_h + dcol[None, :],
                      mask=((ks + vbl) < n_d)[:, None], other=0.0)
     elif MASK:
-        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :], mask=km[:, None], other=0.0)
         vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :], mask=km[:, None], other=0.0)
     else:
-        kb = tl.load(K + kr[:, None] * sk_n + h * sk_h + dcol[None, :])
         vb = tl.load(V + kr[:, None] * sv_n + h * sv_h + dcol[None, :])
     return km, kb, vb
 
@@ -332,26 +333,26 @@ def _fixed_rows(qb, K, V, s0, n_d, h, sk_n, sk_h, sv_n, sv_h, qk_scale, DH: tl.c
     DOM's first key block times ``qk_scale`` (log2 units), l its row sums (R,), acc = P @ V; the output is acc / l.
     Key blocks wholly inside the DOM skip the end-of-DOM mask (the first block and a last partial one apply it)."""
     PV_ORDER: tl.constexpr = V.dtype.element_ty == tl.float32 and PREC != "ieee"
+    LANES: tl.constexpr = V.dtype.element_ty != tl.float32  # 16-bit: row sums per lane, full blocks unmasked (v26)
     R: tl.constexpr = qb.shape[0]
     km, kb, vb = _kv_block(K, V, s0, 0, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
     sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
     m = tl.max(sb, axis=1) * qk_scale  # every row has key 0: finite
     acc = tl.zeros([R, DH], dtype=tl.float32)
-    if V.dtype.element_ty == tl.float32:
-        l = tl.zeros([R], dtype=tl.float32)
-    else:  # per-lane partial sums (``_lane_row_sums``), added up after the loop
+    if LANES:  # per-lane partial sums (``_lane_row_sums``), added up after the loop
         l = tl.zeros([R, 4], dtype=tl.float32)
+    else:
+        l = tl.zeros([R], dtype=tl.float32)
     l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     n_full = n_d - n_d % BL
-    for ks in range(BL, n_full, BL):  # blocks inside the DOM: 16-bit loads without the mask (v26; fp32 as measured)
-        km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER,
-                               V.dtype.element_ty == tl.float32)
+    for ks in range(BL, n_full, BL):  # blocks inside the DOM (fp32 keeps the mask: its loop as measured)
+        km, kb, vb = _kv_block(K, V, s0, ks, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER, not LANES)
         l, acc = _fixed_accumulate(_mm(qb, tl.trans(kb), PREC), vb, m, l, acc, qk_scale, PREC, PV_ORDER)
     if (n_full > 0) & (n_full < n_d):  # the last, partial block (n_full = 0: the first block was the only one)
         km, kb, vb = _kv_block(K, V, s0, n_full, n_d, h, sk_n, sk_h, sv_n, sv_h, DH, BL, PV_ORDER)
         sb = tl.where(km[None, :], _mm(qb, tl.trans(kb), PREC), float("-inf"))
         l, acc = _fixed_accumulate(sb, vb, m, l, acc, qk_scale, PREC, PV_ORDER)
-    if V.dtype.element_ty != tl.float32:
+    if LANES:
         l = tl.sum(l, axis=1)
     return m, l, acc
 

@@ -15,7 +15,14 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
 
 * ``first_call_ms``: the very first call (compilation included), wall clock, kept out of the median.
 * Then one warm-up call on each rotated batch (new shapes compile here), then the timed calls,
-  cycling through the batches: ``median_ms``, ``p20_ms``, ``p80_ms`` over all of them.
+  cycling through the batches, each batch timed equally often: ``median_ms``, ``p20_ms``, ``p80_ms`` over all of
+  them, and ``batch_mean_ms``, the mean over the batches of each batch's median call (GPU; NaN on the CPU).
+  The batches differ in size, so the calls' times cluster by batch: at 4,096 events the four clusters lie
+  0.43-0.59 ms apart in the bf16 8x16 forward, and the median of all calls falls in the gap between the second
+  and third cluster, where two runs of the same code read 0.556 and 0.578 ms (docs/dom_fused_notes.md, run 133).
+  ``batch_mean_ms`` is the time per batch that a loop over these batches averages, the quantity that the memory
+  floor of the mean batch (``memory_floor_bytes`` of the mean pulses and DOMs) compares with; the floor ratios and
+  the targets of ``iceaggr_lib.results`` use it where a row has it.
   GPU: CUDA events around each call, the L2 cache flushed before each, calls issued back to back with
   no host synchronisation between them (as triton.testing.do_bench does): a step's time is its GPU
   time where the GPU is the busier side, and includes the host's dispatch time where the host is (a
@@ -70,10 +77,10 @@ from iceaggr_lib.envinfo import resolve_device
 from iceaggr_lib.testing import TOLERANCE, rel_err
 
 CSV_COLUMNS = ["backend", "dtype", "mode", "n_heads", "head_dim", "batch_size", "n_pulses", "n_doms",
-               "max_dom_pulses", "status", "message", "median_ms", "p20_ms", "p80_ms", "prep_ms", "host_ms",
-               "first_call_ms", "peak_mem_mb", "rel_err", "device", "torch_version"]
+               "max_dom_pulses", "status", "message", "median_ms", "p20_ms", "p80_ms", "batch_mean_ms", "prep_ms",
+               "host_ms", "first_call_ms", "peak_mem_mb", "rel_err", "device", "torch_version"]
 # columns added after reports were committed: read as NaN from a CSV that predates them
-LATER_COLUMNS = ("host_ms",)
+LATER_COLUMNS = ("host_ms", "batch_mean_ms")
 STATUSES = ("ok", "oom", "unsupported", "error")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -332,7 +339,19 @@ def _make_step(spec, inputs: _Inputs, mode: str, scale: float, dtype: torch.dtyp
         grads = torch.autograd.grad(out, (q, k, v), inputs.grad_out[i])
         return [out.detach(), *grads]
 
+    step.state = state  # the next call's batch is state["i"] % n: run_point reads it to sort the calls by batch
     return step
+
+
+def batch_mean_of_medians(times: np.ndarray, first_batch: int, n_batches: int) -> float:
+    """The mean over the rotated batches of each batch's median time; call j ran batch (first_batch + j) % n_batches.
+
+    NaN unless every batch has at least one call (``run_point`` times a multiple of ``n_batches`` calls).
+    """
+    times = np.asarray(times, dtype=np.float64)
+    batch = (first_batch + np.arange(len(times))) % n_batches
+    medians = [np.median(times[batch == b]) for b in range(n_batches) if (batch == b).any()]
+    return float(np.mean(medians)) if len(medians) == n_batches else float("nan")
 
 
 def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, device: torch.device,
@@ -368,8 +387,13 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     est_ms = min(warm)
     n_calls = int(np.clip(cfg.time_budget_s * 1e3 / max(est_ms, 1e-3), cfg.min_calls, cfg.repeats))
+    n_batches = len(inputs.batches)
+    n_calls = -(-n_calls // n_batches) * n_batches  # every batch timed equally often
+    first_batch = step.state["i"] % n_batches
     frames_before = _dynamo_frames()
     times, host_ms = time_calls_and_host(step, device, n_calls, est_ms, cfg.time_budget_s)
+    # one time per call on CUDA; the CPU's blocked_autorange gives one per block of calls, not per batch
+    batch_mean_ms = batch_mean_of_medians(times, first_batch, n_batches) if device.type == "cuda" else float("nan")
     compiled = _dynamo_frames() - frames_before
     if compiled:
         notes.append(f"warning: {compiled} dynamo frame compilations inside the timed calls")
@@ -384,7 +408,8 @@ def run_point(backend: str, inputs: _Inputs, mode: str, dtype: torch.dtype, devi
         notes.insert(0, f"wrong result: rel_err {rel:.3g} > tolerance {tol:g}")
     return dict(status=status, message="; ".join(notes), median_ms=float(np.median(times)),
                 p20_ms=float(np.quantile(times, 0.2)), p80_ms=float(np.quantile(times, 0.8)),
-                prep_ms=float(np.median(prep_times)), host_ms=host_ms, first_call_ms=first_call_ms,
+                batch_mean_ms=batch_mean_ms, prep_ms=float(np.median(prep_times)), host_ms=host_ms,
+                first_call_ms=first_call_ms,
                 peak_mem_mb=peak_mb, rel_err=rel, _est_ms=est_ms)
 
 
@@ -479,7 +504,8 @@ def run_grid(source, cfg: BenchConfig, csv_path: str | Path, progress: bool = Tr
                             row = dict(backend=backend, dtype=dtype_name(dtype), mode=mode, n_heads=n_heads,
                                        head_dim=head_dim, batch_size=batch_size, device=str(device),
                                        torch_version=torch.__version__, median_ms=float("nan"),
-                                       p20_ms=float("nan"), p80_ms=float("nan"), prep_ms=float("nan"),
+                                       p20_ms=float("nan"), p80_ms=float("nan"), batch_mean_ms=float("nan"),
+                                       prep_ms=float("nan"),
                                        host_ms=float("nan"),
                                        first_call_ms=float("nan"), peak_mem_mb=float("nan"),
                                        rel_err=float("nan"), message="")

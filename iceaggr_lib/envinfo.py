@@ -8,6 +8,7 @@ written over time), the ceiling the report's memory floor is drawn from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -105,6 +106,18 @@ def measure_copy_bandwidth(device: str | torch.device, n_bytes: int | None = Non
     return 2.0 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
+def source_digest(root: str | Path | None = None) -> str:
+    """A digest of ``iceaggr_lib``'s Python sources (sha256 of each file's path and bytes, in path order; 16 hex
+    digits): which code a measurement ran. The lent GPU machine gets a copy of the tree without ``.git``, so a
+    commit id is not at hand there; ``python -c "from iceaggr_lib import envinfo; print(envinfo.source_digest())"``
+    at a commit gives the digest to compare."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def collect(device: str | torch.device = "auto", measure_bandwidth: bool = True, extra: dict | None = None) -> dict:
     """Everything a reader needs to place a benchmark number: machine, versions, settings, bandwidth."""
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -119,6 +132,7 @@ def collect(device: str | torch.device = "auto", measure_bandwidth: bool = True,
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton_version": triton_version(),
+        "iceaggr_lib_digest": source_digest(),
         "gpu_name": None,
         "gpu_memory_gib": None,
         "gpu_sm_count": None,

@@ -10,8 +10,8 @@ import torch
 
 from iceaggr_lib import backends as backends_mod
 from iceaggr_lib.backends import BackendSpec, MODES, get_backend
-from iceaggr_lib.bench import (CSV_COLUMNS, BenchConfig, consecutive_batches, memory_floor_bytes, read_results,
-                               run_grid)
+from iceaggr_lib.bench import (CSV_COLUMNS, BenchConfig, _make_inputs, _make_step, batch_mean_of_medians,
+                               consecutive_batches, memory_floor_bytes, read_results, run_grid)
 from iceaggr_lib.collate import PulseTable
 from iceaggr_lib.testing import batch_from_dom_sizes
 
@@ -70,6 +70,7 @@ def test_csv_columns_exact_and_one_row_per_point(tmp_path):
     assert (ok["p20_ms"] <= ok["median_ms"] + 1e-9).all() and (ok["median_ms"] <= ok["p80_ms"] + 1e-9).all()
     assert ok["peak_mem_mb"].isna().all()  # not measured on the CPU, by design
     assert ok["host_ms"].isna().all()  # likewise: every CPU time is the host's
+    assert ok["batch_mean_ms"].isna().all()  # blocked_autorange times blocks of calls, not one batch's call
     assert (ok["head_dim"] * ok["n_heads"] == 16).all()
     assert (ok["device"] == "cpu").all() and (ok["torch_version"] == torch.__version__).all()
 
@@ -99,6 +100,31 @@ def test_rotation_uses_every_batch_in_timing(tmp_path, registry):
     run_grid(source, small_cfg(backends=["spy"], n_batches=3, min_calls=6, repeats=6), tmp_path / "b.csv",
              progress=False)
     assert len(set(seen)) == 3
+
+
+def test_batch_mean_of_medians_sorts_calls_by_batch():
+    """Call j ran batch (first + j) % n: per-batch medians, then their mean, whatever the starting batch."""
+    per_batch = np.array([1.0, 2.0, 4.0])  # batch b's calls take per_batch[b] (+ one outlier in batch 2)
+    first = 2
+    times = np.array([per_batch[(first + j) % 3] for j in range(9)])
+    times[3] = 40.0  # call 3 ran batch (2 + 3) % 3 = 2: an outlier the batch's median ignores
+    assert batch_mean_of_medians(times, first, 3) == pytest.approx(per_batch.mean())
+    assert np.median(times) == 2.0  # the median of all calls is the middle batch's time, not the mean batch's
+    assert np.isnan(batch_mean_of_medians(times[:2], first, 3))  # a batch without a call: no per-batch mean
+
+
+def test_step_state_names_the_next_batch():
+    """run_point reads step.state["i"] % n before the timed calls to know which batch each call ran."""
+    batches = [source(i * 2, 2) for i in range(3)]
+    inputs = _make_inputs(batches, 1, 8, torch.float32, torch.device("cpu"), seed=0)
+    seen = []
+    spec = fake("spy", lambda q, k, v, batch, prep, scale: seen.append(batch) or padded_attend(q, k, v, batch,
+                                                                                               prep, scale))
+    step = _make_step(spec, inputs, "forward", 1.0, torch.float32)
+    for _ in range(5):
+        expected = batches[step.state["i"] % 3]
+        step()
+        assert seen[-1] is expected
 
 
 def test_wrong_result_becomes_error_row_with_timings(tmp_path, registry):
@@ -228,6 +254,7 @@ def test_cuda_rows_measure_memory(tmp_path):
     assert (df["status"] == "ok").all(), df["message"].tolist()
     assert (df["peak_mem_mb"] > 0).all() and df["device"].str.startswith("cuda").all()
     assert (df["host_ms"] > 0).all()  # the host's time per call while issuing the timed calls
+    assert (df["batch_mean_ms"] > 0).all()  # one time per call on CUDA, so per-batch medians
 
 
 def test_csv_from_before_host_ms_reads_with_nan(tmp_path):

@@ -133,6 +133,19 @@ def test_environment_info_on_cpu(tmp_path):
     assert json.loads(path.read_text())["device"] == "cpu"
 
 
+def test_source_digest_names_the_code(tmp_path):
+    """environment.json carries a digest of iceaggr_lib's sources: equal for equal code, changed by any edit."""
+    info = envinfo.collect("cpu", measure_bandwidth=False)
+    assert info["iceaggr_lib_digest"] == envinfo.source_digest() and len(info["iceaggr_lib_digest"]) == 16
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    before = envinfo.source_digest(tmp_path / "pkg")
+    assert envinfo.source_digest(tmp_path / "pkg") == before
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert envinfo.source_digest(tmp_path / "pkg") != before
+
+
 def test_fused_targets_checked_from_rows():
     def r(backend, b, median, mode="forward", dtype="bfloat16", heads=1, prep=0.0, mem=1.0):
         out = row(backend, b, median, mode=mode, dtype=dtype, heads=heads)
@@ -170,6 +183,15 @@ def test_fused_targets_checked_from_rows():
         "forward 4096 ev float32 8x16: <= 3x the memory floor"]
     assert cell["met"] == "no" and "3.041x (at the measured 2,950 GB/s: 2.990x)" in cell["measured"], cell["measured"]
     assert "## The fused kernel's targets" in results.summary_markdown(df, {"copy_bandwidth_gbps": 3000.0})
+    # a row with per-batch times is judged by them (the floor is the mean batch's), the median of calls shown beside
+    split = r("dom_fused", 4096, 3.05 * floor_8x16.iloc[0], dtype="float32", heads=8)
+    split["batch_mean_ms"] = 2.95 * floor_8x16.iloc[0]
+    derived = results.with_derived(table([split]), env)
+    assert derived["x_floor"].iloc[0] == pytest.approx(2.95)
+    label = "forward 4096 ev float32 8x16: <= 3x the memory floor"
+    cell = results.fused_targets(derived).set_index("target").loc[label]
+    assert cell["met"] == "yes" and ": 2.950x" in cell["measured"], cell["measured"]
+    assert "per batch (median of all calls" in cell["measured"], cell["measured"]
 
 
 def test_driver_passes_parameters_and_reports_failures(tmp_path, monkeypatch):

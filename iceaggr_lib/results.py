@@ -40,7 +40,8 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
     Several (a list) are parts of one grid run separately on the same kind of device (e.g. bf16 and
     fp32 in two device calls): their rows are concatenated, a grid point present twice is an error,
     and the environment is the first run's, with ``merged_from`` listing each part's device name,
-    torch and triton versions, copy bandwidth, platform (the host) and time of measurement. Each row keeps its
+    torch and triton versions, copy bandwidth, platform (the host), time of measurement and code (the digest of
+    ``iceaggr_lib``'s sources, ``envinfo.source_digest``; None for parts measured before it). Each row keeps its
     part's measured copy bandwidth (``copy_bandwidth_gbps``), so that ``with_derived`` puts its memory floor at
     the bandwidth of the machine that ran it (the lent machines differ by ~1 %).
     """
@@ -67,7 +68,7 @@ def load(results_dir) -> tuple[pd.DataFrame, dict]:
     env["merged_from"] = [dict(results_dir=str(d), device_name=e.get("device_name"),
                                torch_version=e.get("torch_version"), triton_version=e.get("triton_version"),
                                copy_bandwidth_gbps=e.get("copy_bandwidth_gbps"), platform=e.get("platform"),
-                               created_utc=e.get("created_utc"))
+                               created_utc=e.get("created_utc"), iceaggr_lib_digest=e.get("iceaggr_lib_digest"))
                           for d, e in zip(dirs, envs)]
     return df, env
 

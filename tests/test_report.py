@@ -235,10 +235,12 @@ def test_load_merges_parts_of_one_grid(tmp_path):
         d.mkdir()
         table([row("padded", 4, 1.0, dtype=dtype), row("loop", 4, 9.0, dtype=dtype)]).to_csv(d / "benchmark.csv",
                                                                                              index=False)
-        (d / "environment.json").write_text(json.dumps(dict(ENV, device_name=f"GPU {name}")))
+        extra = {"iceaggr_lib_digest": "0123456789abcdef"} if name == "bf16" else {}  # fp32: a part from before it
+        (d / "environment.json").write_text(json.dumps(dict(ENV, device_name=f"GPU {name}", **extra)))
     df, env = results.load([tmp_path / "bf16", tmp_path / "fp32"])
     assert len(df) == 4 and set(df["dtype"]) == {"bfloat16", "float32"}
     assert env["gpu_name"] == "Test GPU" and [m["device_name"] for m in env["merged_from"]] == ["GPU bf16", "GPU fp32"]
+    assert [m["iceaggr_lib_digest"] for m in env["merged_from"]] == ["0123456789abcdef", None]
     with pytest.raises(ValueError, match="more than one"):
         results.load([tmp_path / "bf16", tmp_path / "bf16"])
 

@@ -166,7 +166,8 @@ def _empty(title: str, text: str):
 
 
 def time_vs_batch(df: pd.DataFrame, floor: bool = True):
-    """Median time (p20-p80 bars) vs batch size per backend, log-log; the memory floor dashed."""
+    """Median time (p20-p80 bars) vs batch size per backend, log-log; the memory floor dashed; where rows have
+    ``batch_mean_ms`` (the mean over the rotated batches of each batch's median call), that time as crosses."""
     ok = df[df["status"] == "ok"]
     if ok.empty:
         return _empty("Time per batch", "no successful rows")
@@ -178,6 +179,10 @@ def time_vs_batch(df: pd.DataFrame, floor: bool = True):
             yerr = np.vstack([g["median_ms"] - g["p20_ms"], g["p80_ms"] - g["median_ms"]]).clip(min=0)
             ax.errorbar(g["batch_size"], g["median_ms"], yerr=yerr, fmt="o-", ms=4, capsize=2,
                         color=backend_color(backend), label=backend)
+            if "batch_mean_ms" in g and g["batch_mean_ms"].notna().any():
+                ax.plot(g["batch_size"], g["batch_mean_ms"], "x", ms=6, color=backend_color(backend))
+        if "batch_mean_ms" in panel and panel["batch_mean_ms"].notna().any():
+            ax.plot([], [], "kx", label="mean of per-batch medians")
         if floor and "floor_ms" in panel and panel["floor_ms"].notna().any():
             fl = panel.groupby("batch_size")["floor_ms"].median()
             ax.plot(fl.index, fl.values, "k--", lw=1.2, label="memory floor")

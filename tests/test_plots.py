@@ -53,6 +53,17 @@ def test_time_vs_batch_one_panel_per_group_with_floor():
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
 
 
+def test_time_vs_batch_marks_per_batch_times_where_rows_have_them():
+    df = fake_results()
+    assert "mean of per-batch medians" not in plots.time_vs_batch(df).axes[0].get_legend_handles_labels()[1]
+    plt.close("all")
+    df["batch_mean_ms"] = 0.95 * df["median_ms"]
+    ax = plots.time_vs_batch(df).axes[0]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+    assert len(crosses) == 3  # one per backend
+    assert "mean of per-batch medians" in ax.get_legend_handles_labels()[1]
+
+
 def test_speedup_throughput_memory_and_save(tmp_path):
     df = fake_results()
     sp = results.speedups(df, "loop")

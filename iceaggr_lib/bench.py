@@ -17,9 +17,10 @@ with a random upstream gradient). ``forward`` runs under ``torch.no_grad`` (infe
 * Then one warm-up call on each rotated batch (new shapes compile here), then the timed calls,
   cycling through the batches, each batch timed equally often: ``median_ms``, ``p20_ms``, ``p80_ms`` over all of
   them, and ``batch_mean_ms``, the mean over the batches of each batch's median call (GPU; NaN on the CPU).
-  The batches differ in size, so the calls' times cluster by batch: at 4,096 events the four clusters lie
-  0.43-0.59 ms apart in the bf16 8x16 forward, and the median of all calls falls in the gap between the second
-  and third cluster, where two runs of the same code read 0.556 and 0.578 ms (docs/dom_fused_notes.md, run 133).
+  The batches differ in size, so the calls' times cluster by batch: at 4,096 events the bf16 8x16 forward's four
+  clusters lie between 0.43 and 0.59 ms, and the median of all calls falls in the gap between the second and third
+  cluster, where dom_fused and auto, the same kernels in one run, read 0.578 and 0.543 ms (docs/dom_fused_notes.md,
+  run 133).
   ``batch_mean_ms`` is the time per batch that a loop over these batches averages, the quantity that the memory
   floor of the mean batch (``memory_floor_bytes`` of the mean pulses and DOMs) compares with; the floor ratios and
   the targets of ``iceaggr_lib.results`` use it where a row has it.

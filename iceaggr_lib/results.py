@@ -83,7 +83,7 @@ def batch_time_ms(df: pd.DataFrame) -> pd.Series:
     or ``median_ms`` (the median of all calls) where a row has no ``batch_mean_ms`` (CPU rows, CSVs before it).
 
     The memory floor is that of the mean batch, so the time it compares with is the mean batch's: the median of all
-    calls sits between the batches' clusters of times and moved ~4 % between two runs of the same code (bench.py).
+    calls sits between the batches' clusters of times, where the same kernels read 6 % apart in one run (bench.py).
     """
     return df["batch_mean_ms"].fillna(df["median_ms"]) if "batch_mean_ms" in df else df["median_ms"]
 

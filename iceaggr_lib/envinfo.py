@@ -112,8 +112,11 @@ def source_digest(root: str | Path | None = None) -> str:
     commit id is not at hand there; ``python -c "from iceaggr_lib import envinfo; print(envinfo.source_digest())"``
     at a commit gives the digest to compare."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
+    paths = sorted(root.rglob("*.py"))
+    if not paths:
+        raise FileNotFoundError(f"source_digest: no Python sources under {root}")
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in paths:
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -24,8 +24,14 @@ for part in "$@"; do
   OUT=$OUT/$name REPORT_DIR=reports/h100_$name timeout $(( LIMIT_S - 5 - (SECONDS - T0) )) bash scripts/device_report.sh \
     --dtypes "$dtype" --n-heads "$heads" --notebooks 02_benchmark --no-html --time-limit-s "${GRID_S:-212}" \
     > "$OUT/$name.log" 2>&1
-  echo "device_parts: $name exit status $? at $((SECONDS - T0)) s; $(grep -c ',ok,' reports/h100_$name/benchmark.csv) ok rows," \
-       "$(grep -c 'time limit' reports/h100_$name/benchmark.csv) cut by the time limit"
+  status=$?
+  csv=reports/h100_$name/benchmark.csv
+  if [ -f "$csv" ]; then
+    echo "device_parts: $name exit status $status at $((SECONDS - T0)) s; $(grep -c ',ok,' "$csv") ok rows," \
+         "$(grep -c 'time limit' "$csv") cut by the time limit"
+  else
+    echo "device_parts: $name exit status $status at $((SECONDS - T0)) s, no $csv: see $OUT/$name.log"
+  fi
 done
 left=$(( LIMIT_S - 5 - (SECONDS - T0) ))
 if [ "$left" -gt 40 ]; then

@@ -144,6 +144,8 @@ def test_source_digest_names_the_code(tmp_path):
     assert envinfo.source_digest(tmp_path / "pkg") == before
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
     assert envinfo.source_digest(tmp_path / "pkg") != before
+    with pytest.raises(FileNotFoundError, match="no Python sources under .*empty"):
+        envinfo.source_digest(tmp_path / "empty")
 
 
 def test_fused_targets_checked_from_rows():

@@ -160,6 +160,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-html", action="store_true")
     args = p.parse_args(argv)
 
+    grid = default_grid(args.grid)
+    for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s", "max_call_ms"):
+        if getattr(args, key) is not None:
+            grid[key] = getattr(args, key)
+    if "02_benchmark" in args.notebooks:  # a bad grid (unknown dtype or mode, ...) fails here, before the sample
+        from iceaggr_lib.bench import BenchConfig
+        try:
+            BenchConfig(**grid, device=args.device)
+        except ValueError as e:
+            p.error(f"the benchmark grid: {e}")
+
     t_all = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -169,10 +180,6 @@ def main(argv=None) -> int:
         data_dir = ensure_sample(DEFAULT_SAMPLE, args.events, args.seed)
     else:
         data_dir = DEFAULT_SAMPLE
-    grid = default_grid(args.grid)
-    for key in ("backends", "dtypes", "batch_sizes", "n_heads", "modes", "repeats", "time_limit_s", "max_call_ms"):
-        if getattr(args, key) is not None:
-            grid[key] = getattr(args, key)
     params = {
         "01_sparsity": dict(data_dir=str(data_dir), split="train", max_events=args.max_events, out_dir=str(out)),
         "02_benchmark": dict(data_dir=str(data_dir), device=args.device, out_dir=str(out), **grid),

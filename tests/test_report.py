@@ -279,6 +279,15 @@ def test_summary_names_each_parts_machine(tmp_path):
     assert "triton 3.6.0" in md and "measured 2026-12-07T14:00" in md
 
 
+def test_driver_rejects_a_bad_grid_before_any_work(tmp_path, capsys):
+    """An unknown dtype stops the driver at once (exit 2, the dtype named), before the sample or a notebook."""
+    with pytest.raises(SystemExit) as stop:
+        report.main(["--out", str(tmp_path / "out"), "--dtypes", "nodtype", "--notebooks", "02_benchmark"])
+    assert stop.value.code == 2
+    assert "the benchmark grid: unknown dtype 'nodtype'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_driver_report_only_over_merged_parts(tmp_path, monkeypatch):
     for name, dtype in (("a", "bfloat16"), ("b", "float32")):
         (tmp_path / name).mkdir()

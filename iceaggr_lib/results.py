@@ -109,28 +109,29 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """Speedup of every backend over ``baseline`` at each (mode, dtype, heads, batch size): ratio of medians."""
-    ok = ok_rows(df)
-    base = ok[ok["backend"] == baseline][GROUP + ["median_ms"]].rename(columns={"median_ms": "baseline_ms"})
+    """Speedup of every backend over ``baseline`` at each (mode, dtype, heads, batch size): the ratio of their times
+    per batch (``time_ms``, from ``batch_time_ms``, so both sides use the same statistic where both rows have it)."""
+    ok = ok_rows(df).assign(time_ms=lambda t: batch_time_ms(t))
+    base = ok[ok["backend"] == baseline][GROUP + ["time_ms"]].rename(columns={"time_ms": "baseline_ms"})
     table = ok[ok["backend"] != baseline].merge(base, on=GROUP)
-    table["speedup"] = table["baseline_ms"] / table["median_ms"]
-    return table[["backend"] + GROUP + ["median_ms", "baseline_ms", "speedup"]].reset_index(drop=True)
+    table["speedup"] = table["baseline_ms"] / table["time_ms"]
+    return table[["backend"] + GROUP + ["time_ms", "baseline_ms", "speedup"]].reset_index(drop=True)
 
 
 def winners(df: pd.DataFrame) -> pd.DataFrame:
-    """The fastest correct backend at each (mode, dtype, heads, batch size), with the runner-up, and the winner's
-    host time per call (``host_ms``: where it reaches median_ms, the point is bound by the host; left out where no
-    row measured it, as in CSVs from before the column)."""
-    ok = ok_rows(df)
+    """The fastest correct backend at each (mode, dtype, heads, batch size) by time per batch (``time_ms``, from
+    ``batch_time_ms``), with the runner-up, and the winner's host time per call (``host_ms``: where it reaches
+    time_ms, the point is bound by the host; left out where no row measured it, as in CSVs from before the column)."""
+    ok = ok_rows(df).assign(time_ms=lambda t: batch_time_ms(t))
     rows = []
     for key, g in ok.groupby(GROUP, sort=True):
-        g = g.sort_values("median_ms")
+        g = g.sort_values("time_ms")
         best = g.iloc[0]
-        row = dict(zip(GROUP, key), winner=best["backend"], median_ms=best["median_ms"],
+        row = dict(zip(GROUP, key), winner=best["backend"], time_ms=best["time_ms"],
                    runner_up=g.iloc[1]["backend"] if len(g) > 1 else "",
-                   runner_up_ms=g.iloc[1]["median_ms"] if len(g) > 1 else np.nan,
+                   runner_up_ms=g.iloc[1]["time_ms"] if len(g) > 1 else np.nan,
                    n_pulses=best["n_pulses"], host_ms=best.get("host_ms", np.nan))
-        row["margin"] = row["runner_up_ms"] / row["median_ms"]
+        row["margin"] = row["runner_up_ms"] / row["time_ms"]
         if "floor_ms" in g:
             row["x_floor"] = best["x_floor"]
         rows.append(row)
@@ -167,9 +168,9 @@ def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Our loop / padded / flex_dense beside the seed's table at its batch sizes (4, 8, 16).
 
     Ours: forward, float32 (else the first dtype run), 1 head (else the fewest), attention + pool only;
-    median over rotated batches and the first (compiling) call apart. NaN where we did not run it.
+    time per batch (``batch_time_ms``) and the first (compiling) call apart. NaN where we did not run it.
     """
-    fwd = df[df["mode"] == "forward"]
+    fwd = df[df["mode"] == "forward"].assign(time_ms=lambda t: batch_time_ms(t))
     if fwd.empty:
         return pd.DataFrame()
     dtype = "float32" if (fwd["dtype"] == "float32").any() else fwd["dtype"].iloc[0]
@@ -182,7 +183,7 @@ def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
     out["our_pulses"] = out["batch_size"].map(sizes["n_pulses"]) if not sizes.empty else np.nan
     for backend in ("loop", "padded", "flex_dense", "flex_dense_eager"):
         rows = ours[(ours["backend"] == backend) & (ours["status"] == "ok")].set_index("batch_size")
-        out[f"our_{backend}_ms"] = out["batch_size"].map(rows["median_ms"]) if not rows.empty else np.nan
+        out[f"our_{backend}_ms"] = out["batch_size"].map(rows["time_ms"]) if not rows.empty else np.nan
         out[f"our_{backend}_first_ms"] = out["batch_size"].map(rows["first_call_ms"]) if not rows.empty else np.nan
     out.attrs["dtype"], out.attrs["n_heads"] = dtype, heads
     return out
@@ -323,14 +324,16 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
              f"{m.get('triton_version')}, host {m.get('platform')}, measured {m.get('created_utc')}"
              for m in env["merged_from"]) + "."),
         f"Grid: {len(df)} points; " + ", ".join(f"{k} {v}" for k, v in sorted(n_status.items())) + ". "
-        "Times are medians over rotated batches of consecutive events, per-batch preparation included; "
+        "Times (`time_ms`) are per batch of consecutive events, per-batch preparation included: the mean over the "
+        "rotated batches of each batch's median call (`batch_mean_ms`), or the median of all calls where a row has "
+        "no `batch_mean_ms` (CPU rows, parts measured before it); "
         "the first (compiling) call is reported apart.",
         "",
     ]
     win = winners(df)
     if not win.empty:
         lines += ["## Winner per regime", "", markdown_table(regimes(win)), "## Fastest backend per point", ""]
-        cols = ["mode", "dtype", "n_heads", "batch_size", "n_pulses", "winner", "median_ms", "runner_up",
+        cols = ["mode", "dtype", "n_heads", "batch_size", "n_pulses", "winner", "time_ms", "runner_up",
                 "runner_up_ms", "margin"] + (["x_floor"] if "x_floor" in win else []) \
             + (["host_ms"] if "host_ms" in win else [])  # (not in CSVs from before host_ms)
         lines.append(markdown_table(win[cols]))
@@ -341,7 +344,7 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
             continue
         largest = sp.loc[sp.groupby(["backend", "mode", "dtype", "n_heads"])["batch_size"].idxmax()]
         lines += [f"## Speedup vs {baseline} at the largest batch size each backend ran", "",
-                  markdown_table(largest[["backend", "mode", "dtype", "n_heads", "batch_size", "median_ms",
+                  markdown_table(largest[["backend", "mode", "dtype", "n_heads", "batch_size", "time_ms",
                                           "baseline_ms", "speedup"]].sort_values(["mode", "dtype", "n_heads",
                                                                                   "speedup"]))]
     seed = seed_comparison(df)
@@ -349,7 +352,7 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
         lines += ["## Our numbers beside the seed's", "",
                   f"Seed columns (`seed_*`): {SEED_SOURCE}. Ours (`our_*`): forward, {seed.attrs['dtype']}, "
                   f"{seed.attrs['n_heads']} head(s), attention + mean pool only, on this run's device; `_ms` is the "
-                  "median over rotated batches, `_first_ms` the first (compiling) call. `our_pulses` is the mean "
+                  "time per batch as above, `_first_ms` the first (compiling) call. `our_pulses` is the mean "
                   "over the rotated batches of our data set.", "", markdown_table(seed)]
     targets = fused_targets(df) if "floor_ms" in df else pd.DataFrame()
     if not targets.empty:

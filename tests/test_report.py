@@ -51,6 +51,20 @@ def test_speedups_winners_and_regimes():
     assert reg[["batch_sizes", "winner"]].values.tolist() == [["4-16", "padded"], ["64-256", "flex_dense"]]
 
 
+def test_speedups_and_winners_rank_by_the_time_per_batch_where_rows_have_it():
+    # padded's median of all calls is the faster, but its per-batch mean is the slower: the per-batch time decides,
+    # for both sides of a speedup alike; a row without batch_mean_ms (older CSVs) keeps its median.
+    padded, flex, loop = row("padded", 64, 1.0), row("flex_dense", 64, 1.2), row("loop", 64, 10.0)
+    padded["batch_mean_ms"], flex["batch_mean_ms"] = 1.5, 1.25
+    df = results.with_derived(table([padded, flex, loop]), ENV)
+    win = results.winners(df).iloc[0]
+    assert win["winner"] == "flex_dense" and win["time_ms"] == pytest.approx(1.25)
+    assert win["runner_up_ms"] == pytest.approx(1.5)
+    sp = results.speedups(df, "loop").set_index("backend")
+    assert sp.loc["padded", "speedup"] == pytest.approx(10.0 / 1.5)
+    assert sp.loc["flex_dense", "time_ms"] == pytest.approx(1.25)
+
+
 def test_seed_comparison_keeps_the_seeds_numbers_and_adds_ours():
     rows = [row("loop", 4, 9.0, first=50.0), row("flex_dense", 16, 0.5, first=4000.0), row("padded", 8, 1.0),
             row("padded", 8, 0.2, dtype="bfloat16")]

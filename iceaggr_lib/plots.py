@@ -142,6 +142,24 @@ def _grid(n: int, ncols: int = 4):
     return fig, axes.flat
 
 
+def _finish(fig, title: str):
+    """One legend for the whole grid, right of the panels (every panel's labels, each once, in first-seen order), so
+    that no legend covers the curves; then the title and the layout."""
+    entries = {}
+    for ax in fig.axes:
+        if ax.get_visible():
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+    fig.suptitle(title)
+    if entries:
+        fig.legend(entries.values(), entries.keys(), loc="center right", fontsize=8, frameon=False)
+        width = max(len(label) for label in entries) * 0.06 + 0.6  # inches the legend needs, about
+        fig.tight_layout(rect=(0, 0, 1 - width / fig.get_figwidth(), 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
 def _by_backend(panel: pd.DataFrame):
     for backend, g in panel.groupby("backend", sort=False):
         yield backend, g.sort_values("batch_size")
@@ -191,11 +209,8 @@ def time_vs_batch(df: pd.DataFrame, floor: bool = True):
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
         ax.set_ylabel("time per batch [ms]")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("Attention + mean pool per batch (median, p20-p80), preparation included; "
-                 "memory floor at the measured copy rate")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Attention + mean pool per batch (median, p20-p80), preparation included; "
+                   "memory floor at the measured copy rate")
 
 
 def throughput_vs_batch(df: pd.DataFrame):
@@ -214,10 +229,7 @@ def throughput_vs_batch(df: pd.DataFrame):
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
         ax.set_ylabel("pulses / s")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("Throughput (pulses per second through attention + pool)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Throughput (pulses per second through attention + pool)")
 
 
 def speedup_vs(table: pd.DataFrame, baseline: str):
@@ -236,10 +248,7 @@ def speedup_vs(table: pd.DataFrame, baseline: str):
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
         ax.set_ylabel(f"speedup vs {baseline} (x)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Speedup over {baseline} (ratio of medians at the same batch size)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, f"Speedup over {baseline} (ratio of times per batch at the same batch size)")
 
 
 def memory_vs_batch(df: pd.DataFrame):
@@ -262,7 +271,4 @@ def memory_vs_batch(df: pd.DataFrame):
         ax.set_title(f"{mode}, {dtype}, {heads} head(s)", fontsize=10)
         ax.set_ylabel("peak memory above inputs [MB]")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("Peak device memory of one step, above the resident inputs")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Peak device memory of one step, above the resident inputs")

@@ -321,7 +321,8 @@ def summary_markdown(df: pd.DataFrame, env: dict) -> str:
              f"{Path(m['results_dir']).name} {m.get('copy_bandwidth_gbps')} GB/s" for m in env["merged_from"])
          + " (each row's memory floor uses its part's). Each part's machine: " + "; ".join(
              f"{Path(m['results_dir']).name} {m.get('device_name')}, torch {m.get('torch_version')}, triton "
-             f"{m.get('triton_version')}, host {m.get('platform')}, measured {m.get('created_utc')}"
+             f"{m.get('triton_version')}, host {m.get('platform')}, measured {m.get('created_utc')}, iceaggr_lib sources "
+             f"{m.get('iceaggr_lib_digest') or 'not recorded'}"
              for m in env["merged_from"]) + "."),
         f"Grid: {len(df)} points; " + ", ".join(f"{k} {v}" for k, v in sorted(n_status.items())) + ". "
         "Times (`time_ms`) are per batch of consecutive events, per-batch preparation included: the mean over the "

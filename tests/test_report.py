@@ -257,6 +257,8 @@ def test_load_merges_parts_of_one_grid(tmp_path):
     assert len(df) == 4 and set(df["dtype"]) == {"bfloat16", "float32"}
     assert env["gpu_name"] == "Test GPU" and [m["device_name"] for m in env["merged_from"]] == ["GPU bf16", "GPU fp32"]
     assert [m["iceaggr_lib_digest"] for m in env["merged_from"]] == ["0123456789abcdef", None]
+    summary = results.summary_markdown(results.with_derived(df, env), env)  # each part's code version named
+    assert "iceaggr_lib sources 0123456789abcdef" in summary and "iceaggr_lib sources not recorded" in summary
     with pytest.raises(ValueError, match="more than one"):
         results.load([tmp_path / "bf16", tmp_path / "bf16"])
 

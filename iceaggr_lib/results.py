@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from iceaggr_lib.bench import memory_floor_bytes, read_results
+from iceaggr_lib.bench import DTYPES, memory_floor_bytes, read_results
+from iceaggr_lib.testing import TOLERANCE
 
 GROUP = ["mode", "dtype", "n_heads", "batch_size"]
 
@@ -88,6 +89,11 @@ def batch_time_ms(df: pd.DataFrame) -> pd.Series:
     return df["batch_mean_ms"].fillna(df["median_ms"]) if "batch_mean_ms" in df else df["median_ms"]
 
 
+def with_time(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``time_ms`` column, each row's ``batch_time_ms``: the one time every table here ranks by."""
+    return df.assign(time_ms=batch_time_ms(df))
+
+
 def with_derived(df: pd.DataFrame, env: dict) -> pd.DataFrame:
     """Add floor_ms (memory floor at the measured copy bandwidth: a row's own part's where ``load`` merged
     parts, else ``env``'s), io_mb, and x_floor and pulses_per_s from ``batch_time_ms``."""
@@ -111,7 +117,7 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
 def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Speedup of every backend over ``baseline`` at each (mode, dtype, heads, batch size): the ratio of their times
     per batch (``time_ms``, from ``batch_time_ms``, so both sides use the same statistic where both rows have it)."""
-    ok = ok_rows(df).assign(time_ms=lambda t: batch_time_ms(t))
+    ok = with_time(ok_rows(df))
     base = ok[ok["backend"] == baseline][GROUP + ["time_ms"]].rename(columns={"time_ms": "baseline_ms"})
     table = ok[ok["backend"] != baseline].merge(base, on=GROUP)
     table["speedup"] = table["baseline_ms"] / table["time_ms"]
@@ -122,7 +128,7 @@ def winners(df: pd.DataFrame) -> pd.DataFrame:
     """The fastest correct backend at each (mode, dtype, heads, batch size) by time per batch (``time_ms``, from
     ``batch_time_ms``), with the runner-up, and the winner's host time per call (``host_ms``: where it reaches
     time_ms, the point is bound by the host; left out where no row measured it, as in CSVs from before the column)."""
-    ok = ok_rows(df).assign(time_ms=lambda t: batch_time_ms(t))
+    ok = with_time(ok_rows(df))
     rows = []
     for key, g in ok.groupby(GROUP, sort=True):
         g = g.sort_values("time_ms")
@@ -170,7 +176,7 @@ def seed_comparison(df: pd.DataFrame) -> pd.DataFrame:
     Ours: forward, float32 (else the first dtype run), 1 head (else the fewest), attention + pool only;
     time per batch (``batch_time_ms``) and the first (compiling) call apart. NaN where we did not run it.
     """
-    fwd = df[df["mode"] == "forward"].assign(time_ms=lambda t: batch_time_ms(t))
+    fwd = with_time(df[df["mode"] == "forward"])
     if fwd.empty:
         return pd.DataFrame()
     dtype = "float32" if (fwd["dtype"] == "float32").any() else fwd["dtype"].iloc[0]
@@ -205,7 +211,7 @@ def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
     preparation left out (time_ms - prep_ms). Needs ``with_derived`` columns. Empty when the run
     has no ``backend`` rows.
     """
-    ok = ok_rows(df).assign(time_ms=lambda t: batch_time_ms(t))
+    ok = with_time(ok_rows(df))
     ours = ok[ok["backend"] == backend]
     if df[df["backend"] == backend].empty:
         return pd.DataFrame()
@@ -257,6 +263,19 @@ def fused_targets(df: pd.DataFrame, backend: str = "dom_fused") -> pd.DataFrame:
             # three decimals: a ratio of 3.002 must not print as "3x" beside "no"
             add(label, f"{stat}, floor {floor_ms:.3g} ms at 3 TB/s: {ratio:.3f}x (at the measured "
                 f"{measured_gbps:,.0f} GB/s: {r['x_floor']:.3f}x)", "<= 3x at 3 TB/s", bool(ratio <= 3))
+    for dtype in sorted(df.loc[df["backend"] == backend, "dtype"].unique()):
+        rows_d = df[(df["backend"] == backend) & (df["dtype"] == dtype)]
+        checked = rows_d[rows_d["rel_err"].notna()]
+        errors = rows_d[rows_d["status"] == "error"]  # a wrong result (with its rel err) or a call that raised
+        tol = TOLERANCE[DTYPES[dtype]]
+        label = f"correct against the float64 reference, every {dtype} row (rel err <= {tol:g})"
+        if checked.empty and errors.empty:
+            add(label, "", f"<= {tol:g}", None)
+        else:
+            worst = checked["rel_err"].max()
+            add(label, f"max rel err {worst:.2g} over {len(checked)} rows (forward and gradients)"
+                + (f"; {len(errors)} error rows" if len(errors) else ""), f"<= {tol:g}",
+                bool(worst <= tol and errors.empty))
     me = pick(ours, "forward", "bfloat16", 1, 1024)
     if me.empty or me["peak_mem_mb"].isna().all():
         add("peak memory at 1024 ev (bf16 1x128 forward): <= 2x inputs + outputs", "", "<= 2x", None)

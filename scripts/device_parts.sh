@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 T0=$SECONDS
 OUT=${OUT:-/tmp/out}
 LIMIT_S=${LIMIT_S:-590}
+mkdir -p "$OUT"  # (the device tool makes it; a run elsewhere may not have it)
 python3 -c "from iceaggr_lib import envinfo; print('iceaggr_lib digest', envinfo.source_digest())"
 for part in "$@"; do
   IFS=: read -r name dtype heads <<< "$part"

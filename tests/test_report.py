@@ -171,7 +171,8 @@ def test_fused_targets_checked_from_rows():
     rows = [r("dom_fused", 1024, 0.1, mem=10.0), r("varlen", 1024, 1.5), r("flex_block", 1024, 0.9, prep=0.5),
             r("padded", 1024, 30.0), r("dom_fused", 1024, 0.3, mode="forward_backward"),
             r("flex_block", 1024, 1.4, mode="forward_backward", prep=0.2)]
-    df = results.with_derived(table(rows), {"copy_bandwidth_gbps": 3000.0})
+    env = {"copy_bandwidth_gbps": 3000.0}
+    df = results.with_derived(table(rows), env)
     t = results.fused_targets(df).set_index("target")
     # best library forward: flex_block 0.9 - 0.5 = 0.4 ms -> 4x; varlen 15x; fwd+bwd: 1.2 / 0.3 = 4x < 5x
     assert t.loc["forward 1024 ev bf16 1x128: >= 3x faster than the best library", "met"] == "yes"
@@ -184,6 +185,12 @@ def test_fused_targets_checked_from_rows():
     assert t.loc["forward 1024 ev bfloat16 1x128: <= 3x the memory floor", "met"] == ("yes" if 0.1 <= 3 * floor
                                                                                         else "no")
     assert results.fused_targets(df[df["backend"] != "dom_fused"]).empty
+    correct = "correct against the float64 reference, every bfloat16 row (rel err <= 0.01)"
+    assert t.loc[correct, "met"] == "yes" and "over 2 rows" in t.loc[correct, "measured"]
+    wrong = r("dom_fused", 4096, 0.5)
+    wrong.update(status="error", rel_err=0.5, message="wrong result: rel_err 0.5 > tolerance 0.01")
+    t_wrong = results.fused_targets(results.with_derived(table(rows + [wrong]), env)).set_index("target")
+    assert t_wrong.loc[correct, "met"] == "no" and "1 error rows" in t_wrong.loc[correct, "measured"]
     # a ratio just over the goal reads as over it (the committed 8x16 row: 3.002x, not "3x" beside "no")
     env = {"copy_bandwidth_gbps": 3000.0}
     floor_8x16 = results.with_derived(table([r("dom_fused", 4096, 1.0, dtype="float32", heads=8)]), env)["floor_ms"]
